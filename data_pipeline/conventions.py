@@ -156,6 +156,45 @@ def opencv_to_blender_c2w(c2w_opencv) -> np.ndarray:
     return np.asarray(c2w_opencv, dtype=np.float64) @ BLENDER_TO_OPENCV
 
 
+# ----------------------------------------------------------------------------- model frame
+def condition_frame_transform(c2w_condition) -> np.ndarray:
+    """World-to-model-frame transform: the rotation about +Z that puts the condition camera at
+    azimuth 0.
+
+    The model sees cameras relative to the condition view in one way only: the world is
+    rotated about its up axis (+Z) so that the condition camera lies in the XZ half-plane
+    x > 0 (azimuth 0). Elevation, radius, scale and +Z up are unchanged, so the object stays
+    in [-0.5, 0.5]^3 up to that rotation and the CCM of a point ``p`` in the model frame is
+    ``R p + 0.5``. At inference the target cameras are then ``orbit_c2w(e, [0, 45, ...])``
+    for an assumed condition elevation ``e``.
+
+    Args:
+        c2w_condition: [4, 4] OpenCV camera-to-world of the condition view.
+    Returns:
+        T [4, 4] (a rotation), to apply as ``T @ c2w`` to cameras and ``T[:3, :3] @ p`` to points.
+    """
+    x, y = np.asarray(c2w_condition, dtype=np.float64)[:2, 3]
+    if math.hypot(x, y) < 1e-9:
+        raise ValueError("condition camera lies on the up axis: its azimuth is undefined")
+    phi = math.atan2(y, x)
+    c, s = math.cos(-phi), math.sin(-phi)
+    T = np.eye(4)
+    T[:2, :2] = [[c, -s], [s, c]]
+    return T
+
+
+def to_condition_frame(c2w) -> tuple[np.ndarray, np.ndarray]:
+    """Express a view set in the model frame of its first (condition) view.
+
+    Args:
+        c2w: [V, 4, 4] OpenCV camera-to-world, view 0 is the condition.
+    Returns:
+        (T @ c2w [V, 4, 4], T [4, 4]) with T from :func:`condition_frame_transform`.
+    """
+    T = condition_frame_transform(c2w[0])
+    return T @ np.asarray(c2w, dtype=np.float64), T
+
+
 # ----------------------------------------------------------------------------- pixels & rays
 def pixel_centers(height: int, width: int) -> np.ndarray:
     """Pixel centres ``(u + 0.5, v + 0.5)``: x from the column index, y from the row index.

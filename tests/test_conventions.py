@@ -137,3 +137,19 @@ def test_keys():
             cv.sample_key(bad, 0)
     with pytest.raises(ValueError):
         cv.sample_key("a", 2)
+
+
+def test_condition_frame_puts_condition_view_at_azimuth_zero():
+    el, start = 12.0, 123.0
+    az = cv.orbit_azimuths(start)[cv.training_frame_indices(3)]
+    c2w = cv.orbit_c2w(el, az)
+    rel, T = cv.to_condition_frame(c2w)
+    # the same as an orbit built directly in the model frame
+    np.testing.assert_allclose(rel, cv.orbit_c2w(el, 45.0 * np.arange(8)), atol=1e-12)
+    np.testing.assert_allclose(T[:3, :3] @ [0, 0, 1], [0, 0, 1])
+    # projections are unchanged when points move with the cameras
+    K = cv.intrinsics(39.6, 64)
+    p = np.array([0.3, -0.2, 0.1])
+    uv_world, _ = project(p, c2w[2], K)
+    uv_model, _ = project(T[:3, :3] @ p, rel[2], K)
+    np.testing.assert_allclose(uv_world, uv_model, atol=1e-9)
