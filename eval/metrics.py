@@ -1,0 +1,195 @@
+"""Image metrics of the benchmark (Sec. 4.1, "Metrics"): PSNR, SSIM and LPIPS on [0, 1] images.
+
+All functions take images as ``[..., 3, H, W]`` tensors in ``[0, 1]`` (any leading batch dims)
+and return one value per image (``[...]``), so that callers can average over views, objects
+or both as they need.
+
+* PSNR: ``10 log10(1 / MSE)`` over all pixels and channels of an image (data range 1).
+* SSIM: Wang et al. 2004 with the standard constants: Gaussian window of 11 taps, sigma 1.5,
+  ``K1 = 0.01``, ``K2 = 0.03``, population (not sample) covariance, computed per channel on
+  the valid region (no padding) and averaged over the region and the channels. This is exactly
+  what ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False, data_range=1, channel_axis=...)`` computes.
+* LPIPS (Zhang et al. 2018) with the ``lpips`` package, VGG trunk by default (the backbone the
+  paper names for its perceptual loss, Eq. 2, and the one the GSO benchmarks it compares with
+  report). The trunk's ImageNet weights come from the torchvision hub cache
+  (``$TORCH_HOME/hub/checkpoints``); when they are not cached they cannot be fetched here, the
+  trunk is then random (``pnet_rand=True``) and :attr:`LPIPSMetric.comparable` is False: such
+  numbers exercise the code path only and must not be compared with published ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.shape != target.shape:
+        raise ValueError(f"image shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if pred.dim() < 3 or pred.shape[-3] != 3:
+        raise ValueError(f"expected images [..., 3, H, W], got {tuple(pred.shape)}")
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio ``10 log10(data_range^2 / MSE)`` per image.
+
+    Args:
+        pred, target: [..., 3, H, W] in [0, data_range].
+    Returns:
+        [...] in dB (``inf`` for identical images).
+    """
+    _check_pair(pred, target)
+    mse = (pred - target).pow(2).flatten(-3).mean(-1)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, dtype=torch.float64):
+    """Normalised 1-D Gaussian taps ``exp(-x^2 / (2 sigma^2))``, ``x = -(size//2) .. size//2``.
+
+    Returns:
+        [size]
+    """
+    x = torch.arange(size, dtype=dtype) - (size - 1) / 2.0
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def _filter_valid(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter with no padding: [N, C, H, W] -> [N, C, H-k+1, W-k+1]."""
+    c = x.shape[1]
+    k = window.numel()
+    wx = window.view(1, 1, 1, k).expand(c, 1, 1, k)
+    wy = window.view(1, 1, k, 1).expand(c, 1, k, 1)
+    return F.conv2d(F.conv2d(x, wx, groups=c), wy, groups=c)
+
+
+def ssim(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    data_range: float = 1.0,
+    window_size: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004, Eq. 13) per image, mean over channels.
+
+    ``SSIM = (2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))``
+    with ``C1 = (K1 L)^2``, ``C2 = (K2 L)^2`` and local statistics from a Gaussian window,
+    averaged over the valid (unpadded) region.
+
+    Args:
+        pred, target: [..., 3, H, W] in [0, data_range], H and W >= window_size.
+    Returns:
+        [...]
+    """
+    _check_pair(pred, target)
+    h, w = pred.shape[-2:]
+    if min(h, w) < window_size:
+        raise ValueError(f"images of {h}x{w} px are smaller than the SSIM window ({window_size})")
+    lead = pred.shape[:-3]
+    x = pred.reshape(-1, *pred.shape[-3:])
+    y = target.reshape(-1, *target.shape[-3:]).to(x.dtype)
+    window = gaussian_window(window_size, sigma, dtype=x.dtype).to(x.device)
+    mu_x, mu_y = _filter_valid(x, window), _filter_valid(y, window)
+    var_x = _filter_valid(x * x, window) - mu_x * mu_x
+    var_y = _filter_valid(y * y, window) - mu_y * mu_y
+    cov_xy = _filter_valid(x * y, window) - mu_x * mu_y
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
+        (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
+    )
+    return s.flatten(1).mean(-1).reshape(lead)
+
+
+def _trunk_weights_file(net: str) -> str:
+    """Path where torchvision caches the ImageNet weights of an LPIPS trunk."""
+    import torchvision.models as tvm
+
+    weights = {
+        "vgg": tvm.VGG16_Weights.IMAGENET1K_V1,
+        "alex": tvm.AlexNet_Weights.IMAGENET1K_V1,
+        "squeeze": tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1,
+    }[net]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+class LPIPSMetric:
+    """LPIPS distance per image with the ``lpips`` package (linear heads v0.1, shipped with it).
+
+    Attributes:
+        net: trunk name ("vgg" by default, "alex" or "squeeze").
+        comparable: True when the trunk has its ImageNet weights (cached in TORCH_HOME); False
+            when it had to be random (``pnet_rand=True``): the numbers are then NOT comparable
+            with published LPIPS values.
+    """
+
+    def __init__(self, net: str = "vgg", device: str | torch.device = "cpu"):
+        import lpips
+
+        if net not in ("vgg", "alex", "squeeze"):
+            raise ValueError(f"unknown LPIPS trunk {net!r}: use vgg, alex or squeeze")
+        self.net = net
+        weights_file = _trunk_weights_file(net)
+        self.comparable = os.path.isfile(weights_file)
+        if not self.comparable:
+            warnings.warn(
+                f"LPIPS: ImageNet weights of the {net} trunk are not cached ({weights_file}) and "
+                "cannot be downloaded here; using a RANDOM trunk (pnet_rand=True). LPIPS numbers "
+                "are NOT comparable with published ones.",
+                stacklevel=2,
+            )
+        self.model = lpips.LPIPS(net=net, pnet_rand=not self.comparable, verbose=False)
+        self.model.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """LPIPS per image.
+
+        Args:
+            pred, target: [..., 3, H, W] in [0, 1].
+        Returns:
+            [...] (lower is better)
+        """
+        _check_pair(pred, target)
+        lead = pred.shape[:-3]
+        x = pred.reshape(-1, *pred.shape[-3:]).float()
+        y = target.reshape(-1, *target.shape[-3:]).float()
+        out = [
+            self.model(x[i : i + chunk].to(self.device), y[i : i + chunk].to(self.device), normalize=True)
+            .flatten()
+            .cpu()
+            for i in range(0, x.shape[0], chunk)
+        ]
+        return torch.cat(out).reshape(lead)
+
+
+def image_metrics(pred: torch.Tensor, target: torch.Tensor, lpips_metric: LPIPSMetric) -> dict:
+    """PSNR, SSIM and LPIPS per image of ``pred`` against ``target`` ([..., 3, H, W] in [0, 1]).
+
+    Returns:
+        dict(psnr=[...], ssim=[...], lpips=[...]) float64 CPU tensors.
+    """
+    pred = pred.clamp(0.0, 1.0)
+    target = target.clamp(0.0, 1.0)
+    return {
+        "psnr": psnr(pred.double(), target.double()).cpu(),
+        "ssim": ssim(pred.double(), target.double()).cpu(),
+        "lpips": lpips_metric(pred, target).double(),
+    }
+
+
+def finite_mean(values) -> float:
+    """Mean of the finite values (PSNR is +inf for a perfect match); NaN when there are none."""
+    vals = [float(v) for v in values if math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
