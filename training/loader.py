@@ -1,0 +1,442 @@
+"""Streaming training loader: WebDataset shards (DESIGN section 3) -> training batches (INTERFACES, MD).
+
+One shard sample is one (object, orbit) with 16 frames. Per sample the loader picks the
+condition frame ``s`` (seeded), keeps frames ``s, s+2, ..., s+14 (mod 16)`` (DESIGN section 4),
+composites RGBA over the background, resizes to the model resolution, and expresses cameras
+and CCM in the model frame of the condition view (``conventions.to_condition_frame``).
+
+Streaming and determinism
+    Each rank and DataLoader worker reads an endless stream of epochs. Epoch ``e`` shuffles
+    the shard list with ``(seed, e)`` (same on every rank), splits it between ranks
+    (``wds.split_by_node``) and workers, reads the tars sequentially (``r|*``, never a whole
+    shard in memory), shuffles samples in a buffer seeded by ``(seed, e, rank, role)``, and only
+    then decodes (PNG decoding happens after the shuffle, so skipping costs no decoding).
+    With fewer shards than ``ranks x workers`` the split is done on samples instead of shards.
+Position and resume
+    Every sample carries its ``(epoch, index)`` in its worker's shuffled stream. The loader
+    records, per worker *role*, the position of the last sample the training loop consumed,
+    plus the number of batches consumed. A resumed loader skips, per role, everything up to
+    that position (without decoding) and rotates the worker roles by ``batches % workers`` so
+    that PyTorch's round-robin over workers continues with the same role it would have used.
+    Resuming requires the same world size and worker count.
+Corrupt samples
+    A bad PNG, a missing member or a wrong shape skips the sample; an unreadable tar skips the
+    rest of that shard. Both are logged and counted (``StreamingLoader.skipped``), never raised.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import random
+import zlib
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Iterator
+
+import braceexpand
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from webdataset.gopen import gopen, gopen_schemes
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.conventions import (
+    NUM_FRAMES,
+    TRAIN_NUM_VIEWS,
+    decode_ccm_png,
+    to_condition_frame,
+    training_frame_indices,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What the loader produces and how it streams.
+
+    resolution: model image size (square). background: RGB in [0, 1] the RGBA frames are
+    composited over. batch_size: samples per batch on one rank (the micro batch).
+    """
+
+    resolution: int
+    batch_size: int = 1
+    num_views: int = TRAIN_NUM_VIEWS
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    shuffle_buffer: int = 64
+    shuffle_initial: int = 16
+    num_workers: int = 2
+    seed: int = 0
+
+
+class CorruptSampleError(ValueError):
+    """A shard sample that cannot be used: ``key``, the ``member`` at fault and the ``reason``."""
+
+    def __init__(self, key: str, member: str, reason: str):
+        super().__init__(f"sample {key!r}: member {member!r}: {reason}")
+        self.key, self.member, self.reason = key, member, reason
+
+
+# ----------------------------------------------------------------------------- shard lists
+def expand_shards(pattern: str) -> list[str]:
+    """Shard URLs from a pattern.
+
+    Accepts, separated by ``::``: brace patterns (``shard-{000000..000009}.tar``), local
+    globs (``data/*/shard-*.tar``), a local directory (its ``shard-*.tar``), ``pipe:`` commands
+    and remote URLs (``http(s)://``, ``s3://``, ``gs://``, ...; opened by :func:`open_shard`).
+    """
+    urls: list[str] = []
+    for part in pattern.split("::"):
+        for item in braceexpand.braceexpand(part.strip()):
+            if "://" in item or item.startswith("pipe:"):
+                urls.append(item)
+            elif os.path.isdir(item):
+                urls.extend(sorted(glob.glob(os.path.join(item, "shard-*.tar"))))
+            elif glob.has_magic(item):
+                urls.extend(sorted(glob.glob(item)))
+            elif os.path.exists(item):
+                urls.append(item)
+            else:
+                raise FileNotFoundError(f"shard {item!r} (from pattern {pattern!r}) does not exist")
+    if not urls:
+        raise FileNotFoundError(f"no shard matches {pattern!r}")
+    return urls
+
+
+def open_shard(url: str):
+    """A readable binary stream: local path, ``pipe:``/http(s) via WebDataset, others via fsspec."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if url.startswith("pipe:") or scheme in gopen_schemes or scheme in ("", "file"):
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def _opened(urls, handler) -> Iterator[dict]:
+    for url in urls:
+        try:
+            yield {"url": url, "stream": open_shard(url)}
+        except Exception as exc:  # noqa: BLE001 - reported and counted by the handler
+            exc.args = exc.args + (url,)
+            handler(exc)
+
+
+# ----------------------------------------------------------------------------- one sample
+def _decode_png(sample: dict, member: str, channels: int, dtype) -> np.ndarray:
+    key = sample.get("__key__", "?")
+    if member not in sample:
+        raise CorruptSampleError(key, member, "missing")
+    image = cv2.imdecode(np.frombuffer(sample[member], np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise CorruptSampleError(key, member, "not a decodable PNG")
+    if image.ndim != 3 or image.shape[2] != channels or image.dtype != dtype:
+        raise CorruptSampleError(
+            key, member, f"expected {channels} channels of {np.dtype(dtype).name}, got "
+            f"{image.shape} {image.dtype}"
+        )
+    code = cv2.COLOR_BGRA2RGBA if channels == 4 else cv2.COLOR_BGR2RGB
+    return cv2.cvtColor(image, code)
+
+
+def _load_npy(sample: dict, member: str, shape: tuple) -> np.ndarray:
+    key = sample.get("__key__", "?")
+    if member not in sample:
+        raise CorruptSampleError(key, member, "missing")
+    try:
+        array = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt member
+        raise CorruptSampleError(key, member, f"not a .npy array ({exc})") from exc
+    if array.shape != shape or not np.isfinite(array).all():
+        raise CorruptSampleError(key, member, f"expected finite {shape}, got {array.shape}")
+    return array.astype(np.float64)
+
+
+def decode_views(sample: dict, frames) -> dict:
+    """Decode the selected frames of one raw shard sample (members of DESIGN section 3).
+
+    Every member of the contract must be present (an incomplete sample is corrupt), but only
+    the selected frames' PNGs are decoded.
+
+    Args:
+        sample: WebDataset sample dict (``__key__`` and ``<ii>.rgba.png``, ``<ii>.ccm.png``,
+            ``cameras.npy``, ``intrinsics.npy``, ``json`` as bytes).
+        frames: [V] frame indices.
+    Returns:
+        dict(rgba uint8 [V,H,W,4], ccm float32 [V,H,W,3] in [0,1], c2w float64 [V,4,4],
+        K float64 [V,3,3] in pixels of H, meta dict)
+    Raises:
+        CorruptSampleError
+    """
+    key = sample.get("__key__", "?")
+    for i in range(NUM_FRAMES):
+        for kind in ("rgba", "ccm"):
+            if f"{i:02d}.{kind}.png" not in sample:
+                raise CorruptSampleError(key, f"{i:02d}.{kind}.png", "missing")
+    if "json" not in sample:
+        raise CorruptSampleError(key, "json", "missing")
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as exc:
+        raise CorruptSampleError(key, "json", f"not JSON ({exc})") from exc
+    c2w = _load_npy(sample, "cameras.npy", (NUM_FRAMES, 4, 4))
+    K = _load_npy(sample, "intrinsics.npy", (NUM_FRAMES, 3, 3))
+    rgba = [_decode_png(sample, f"{i:02d}.rgba.png", 4, np.uint8) for i in frames]
+    ccm = [_decode_png(sample, f"{i:02d}.ccm.png", 3, np.uint16) for i in frames]
+    shape = rgba[0].shape[:2]
+    if shape[0] != shape[1]:
+        raise CorruptSampleError(key, f"{frames[0]:02d}.rgba.png", f"not square: {shape}")
+    for i, r, c in zip(frames, rgba, ccm):
+        if r.shape[:2] != shape or c.shape[:2] != shape:
+            raise CorruptSampleError(key, f"{i:02d}.*.png", f"size differs from {shape}")
+    return dict(
+        rgba=np.stack(rgba),
+        ccm=np.stack([decode_ccm_png(c) for c in ccm]),
+        c2w=c2w[frames],
+        K=K[frames],
+        meta=meta,
+    )
+
+
+def condition_frame(seed: int, epoch: int, key: str) -> int:
+    """The condition frame ``s`` of a sample: uniform in 0..15, fixed by (seed, epoch, key)."""
+    rng = np.random.default_rng([seed, epoch, zlib.crc32(key.encode())])
+    return int(rng.integers(NUM_FRAMES))
+
+
+def composite_over(rgba: torch.Tensor, background) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-alpha compositing ``rgb * a + bg * (1 - a)``.
+
+    Args:
+        rgba: [V, 4, H, W] in [0, 1].  background: [3] in [0, 1].
+    Returns:
+        rgb [V, 3, H, W], alpha [V, 1, H, W]
+    """
+    alpha = rgba[:, 3:]
+    bg = torch.as_tensor(background, dtype=rgba.dtype).view(1, 3, 1, 1)
+    return rgba[:, :3] * alpha + bg * (1.0 - alpha), alpha
+
+
+def ccm_to_model_frame(ccm: torch.Tensor, mask: torch.Tensor, T: np.ndarray) -> torch.Tensor:
+    """Rotate a CCM into the model frame: ``R (c - 0.5) + 0.5`` on foreground, 0 elsewhere.
+
+    The rotation about +Z can move x, y outside [0, 1] (up to 0.5 +- 0.707): values are not
+    clipped, they are the exact model-frame points (conventions.condition_frame_transform).
+
+    Args:
+        ccm: [V, 3, H, W].  mask: [V, 1, H, W] bool.  T: [4, 4] world -> model frame.
+    """
+    R = torch.as_tensor(T[:3, :3], dtype=ccm.dtype)
+    rotated = torch.einsum("ij,vjhw->vihw", R, ccm - 0.5) + 0.5
+    return torch.where(mask, rotated, torch.zeros_like(rotated))
+
+
+def to_training_views(views: dict, resolution: int, background) -> dict:
+    """Decoded views -> one training sample in the model frame at the model resolution.
+
+    RGB and alpha are resized with antialiasing (compositing first is exact: both are linear).
+    The CCM is resampled with nearest-exact (pixel-centre) sampling, so every value is a real
+    surface point and no value is blended across a depth edge.
+
+    Args:
+        views: output of :func:`decode_views` (view 0 = condition).
+    Returns:
+        dict(images [V,3,R,R] in [-1,1], alphas [V,1,R,R], ccm [V,3,R,R], c2w [V,4,4] model
+        frame, K [V,3,3] pixels at R), all float32 tensors.
+    """
+    rgba = torch.from_numpy(views["rgba"]).permute(0, 3, 1, 2).float() / 255.0
+    rgb, alpha = composite_over(rgba, background)
+    ccm = torch.from_numpy(views["ccm"]).permute(0, 3, 1, 2)
+    size = rgba.shape[-1]
+    if size != resolution:
+        rgb = F.interpolate(rgb, size=resolution, mode="bilinear", antialias=True, align_corners=False)
+        alpha = F.interpolate(alpha, size=resolution, mode="bilinear", antialias=True, align_corners=False)
+        ccm = F.interpolate(ccm, size=resolution, mode="nearest-exact")
+    c2w, T = to_condition_frame(views["c2w"])
+    K = views["K"].copy()
+    K[:, :2] *= resolution / size
+    return dict(
+        images=(rgb.clamp(0, 1) * 2.0 - 1.0).contiguous(),
+        alphas=alpha.clamp(0, 1).contiguous(),
+        ccm=ccm_to_model_frame(ccm, (ccm > 0).any(1, keepdim=True), T).contiguous(),
+        c2w=torch.from_numpy(c2w).float(),
+        K=torch.from_numpy(K).float(),
+    )
+
+
+# ----------------------------------------------------------------------------- the stream
+@dataclass
+class _Skips:
+    samples: int = 0
+    shards: int = 0
+
+
+@dataclass
+class _Stream:
+    """Where one worker role stands: last consumed (epoch, index) and its skip counts."""
+
+    epoch: int = 0
+    index: int = -1
+    skips: _Skips = field(default_factory=_Skips)
+
+
+def _rng_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class ShardStream(IterableDataset):
+    """Endless per-worker stream of ``(training sample, position)`` (see the module docstring)."""
+
+    def __init__(self, urls: list[str], cfg: LoaderConfig, start: dict[int, _Stream] | None = None,
+                 role_offset: int = 0):
+        self.urls, self.cfg = list(urls), cfg
+        self.start = start or {}
+        self.role_offset = role_offset
+
+    def _role(self) -> tuple[int, int, int, int]:
+        rank, world, _, _ = wds.utils.pytorch_worker_info()
+        info = get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        worker = info.id if info is not None else 0
+        return rank, world, (worker + self.role_offset) % workers, workers
+
+    def _epoch_samples(self, epoch: int, rank: int, world: int, role: int, workers: int,
+                       skips: _Skips):
+        cfg = self.cfg
+        urls = list(self.urls)
+        random.Random(_rng_seed(cfg.seed, epoch)).shuffle(urls)
+        by_shard = len(urls) >= world * workers
+
+        def handler(exc: Exception) -> bool:
+            skips.shards += 1
+            log.warning("skipping the rest of a shard (rank %d, role %d): %s", rank, role, exc)
+            return True
+
+        if by_shard:
+            urls = list(islice(wds.split_by_node(urls), role, None, workers))
+        samples = wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander(_opened(urls, handler), handler=handler),
+            handler=handler,
+        )
+        if not by_shard:
+            samples = islice(wds.split_by_node(samples), role, None, workers)
+        rng = random.Random(_rng_seed(cfg.seed, epoch, rank, role))
+        return wds.filters._shuffle(iter(samples), cfg.shuffle_buffer, cfg.shuffle_initial, rng=rng)
+
+    def __iter__(self):
+        rank, world, role, workers = self._role()
+        state = self.start.get(role, _Stream())
+        skips = _Skips(state.skips.samples, state.skips.shards)
+        epoch = state.epoch
+        while True:
+            seen = good = 0
+            for index, raw in enumerate(self._epoch_samples(epoch, rank, world, role, workers, skips)):
+                seen += 1
+                if epoch == state.epoch and index <= state.index:
+                    good += 1  # consumed before the resume
+                    continue
+                key = raw.get("__key__", "?")
+                try:
+                    s = condition_frame(self.cfg.seed, epoch, key)
+                    views = decode_views(raw, training_frame_indices(s, self.cfg.num_views))
+                    sample = to_training_views(views, self.cfg.resolution, self.cfg.background)
+                except (CorruptSampleError, ValueError, np.linalg.LinAlgError) as exc:
+                    skips.samples += 1
+                    log.warning("skipping corrupt sample %s from %s: %s", key, raw.get("__url__"), exc)
+                    continue
+                good += 1
+                sample["key"] = key
+                yield sample, (role, epoch, index, skips.samples, skips.shards)
+            if seen == 0 or good == 0:
+                raise RuntimeError(
+                    f"rank {rank} worker role {role}: epoch {epoch} gave "
+                    f"{'no samples' if seen == 0 else 'no valid sample'} from {len(self.urls)} "
+                    f"shard(s) ({self.urls[:3]}...)"
+                )
+            epoch += 1
+
+
+def collate(items: list) -> dict:
+    """Stack samples into the training batch (INTERFACES, MD); keep the last sample's position."""
+    samples = [s for s, _ in items]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("images", "alphas", "ccm", "c2w", "K")}
+    batch["key"] = [s["key"] for s in samples]
+    return dict(batch=batch, position=items[-1][1])
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+class StreamingLoader:
+    """Endless iterator of training batches with a resumable position.
+
+    ``iter(loader)`` yields batches dict(images [B,V,3,R,R] in [-1,1], alphas [B,V,1,R,R],
+    ccm [B,V,3,R,R], c2w [B,V,4,4], K [B,V,3,3], key list[str]); :meth:`state_dict` is the
+    position after the last batch yielded.
+    """
+
+    def __init__(self, pattern: str, cfg: LoaderConfig):
+        self.urls = expand_shards(pattern)
+        self.cfg = cfg
+        self.batches = 0
+        self.streams: dict[int, _Stream] = {}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Corrupt samples and broken shards skipped so far (this rank, all workers)."""
+        return dict(
+            samples=sum(s.skips.samples for s in self.streams.values()),
+            shards=sum(s.skips.shards for s in self.streams.values()),
+        )
+
+    def state_dict(self) -> dict:
+        _, world, _, _ = wds.utils.pytorch_worker_info()
+        return dict(
+            batches=self.batches,
+            num_workers=self.cfg.num_workers,
+            world_size=world,
+            streams={
+                role: dict(epoch=s.epoch, index=s.index, skipped_samples=s.skips.samples,
+                           skipped_shards=s.skips.shards)
+                for role, s in self.streams.items()
+            },
+        )
+
+    def load_state_dict(self, state: dict) -> None:
+        _, world, _, _ = wds.utils.pytorch_worker_info()
+        if state["num_workers"] != self.cfg.num_workers or state["world_size"] != world:
+            raise ValueError(
+                f"loader position saved with {state['world_size']} rank(s) x {state['num_workers']} "
+                f"worker(s) cannot resume with {world} x {self.cfg.num_workers}"
+            )
+        self.batches = int(state["batches"])
+        self.streams = {
+            int(role): _Stream(s["epoch"], s["index"], _Skips(s["skipped_samples"], s["skipped_shards"]))
+            for role, s in state["streams"].items()
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        workers = max(self.cfg.num_workers, 1)
+        dataset = ShardStream(self.urls, self.cfg, dict(self.streams), self.batches % workers)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            num_workers=self.cfg.num_workers,
+            collate_fn=collate,
+            worker_init_fn=_worker_init,
+            persistent_workers=False,
+            prefetch_factor=2 if self.cfg.num_workers > 0 else None,
+        )
+        for item in loader:
+            role, epoch, index, skipped_samples, skipped_shards = item["position"]
+            self.streams[role] = _Stream(epoch, index, _Skips(skipped_samples, skipped_shards))
+            self.batches += 1
+            yield item["batch"]
