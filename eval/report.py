@@ -1,0 +1,277 @@
+"""Benchmark outputs: per-object rows (Parquet + CSV), Table 1 / Table 2 aggregates (Markdown +
+JSON), image strips and report.md.
+
+A per-object row (one per object and variant) holds::
+
+    object, variant, feedback, joint_training, views,
+    mv_psnr, mv_ssim, mv_lpips      generated multi-view images vs ground truth
+    gs_psnr, gs_ssim, gs_lpips      renders of the reconstructed 3D Gaussians vs ground truth
+    seconds
+
+Variants: ``ouroboros`` (the checkpoint with its 3D-aware feedback, Algorithm 2) and
+``two_stage`` (the same checkpoint with feedback switched off: multi-view generation, then
+reconstruction; the paper's "separated stages" baseline and the no-feedback ablation row).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("psnr", "ssim", "lpips")
+VARIANTS = ("ouroboros", "two_stage")
+ROW_COLUMNS = (
+    "object", "variant", "feedback", "joint_training", "views",
+    "mv_psnr", "mv_ssim", "mv_lpips", "gs_psnr", "gs_ssim", "gs_lpips", "seconds",
+)  # fmt: skip
+
+# The paper's Table 1 and Table 2 (GSO, its own 100 objects), for reference next to ours.
+PAPER_TABLE1 = [
+    ("Image-to-Multiview", "Ouroboros3D (SVD), paper", "512x512", 21.770, 0.8866, 0.1093),
+    ("Image-to-3D", "Ouroboros3D (LGM), paper", "512x512", 21.761, 0.8894, 0.1091),
+    ("Image-to-3D", "LGM, paper", "512x512", 17.716, 0.8319, 0.1894),
+]
+PAPER_TABLE2 = [
+    ("no", "none", 20.012, 0.8465, 0.1287, 1.067, 0.0125, 0.0189),
+    ("yes", "none", 20.549, 0.8651, 0.1221, 0.511, 0.0094, 0.0070),
+    ("yes", "CCM", 21.325, 0.8738, 0.1192, 0.304, 0.0036, 0.0018),
+    ("yes", "CCM + RGB", 21.761, 0.8894, 0.1091, 0.009, 0.0028, 0.0002),
+]
+FEEDBACK_LABEL = {"none": "none", "ccm": "CCM", "ccm_rgb": "CCM + RGB"}
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------- aggregates
+def aggregate(rows: list[dict]) -> dict[str, dict]:
+    """Mean of each metric over objects, per variant.
+
+    Returns:
+        {variant: {"objects": n, "mv_psnr": mean, ..., "gs_lpips": mean}}; PSNR means skip
+        +inf (a pixel-perfect object) so that one perfect match cannot hide the others.
+    """
+    out: dict[str, dict] = {}
+    for variant in sorted({r["variant"] for r in rows}, key=_variant_order):
+        sel = [r for r in rows if r["variant"] == variant]
+        agg = {"objects": len(sel), "feedback": sel[0]["feedback"],
+               "joint_training": sel[0]["joint_training"]}  # fmt: skip
+        for kind in ("mv", "gs"):
+            for m in METRICS:
+                vals = [float(r[f"{kind}_{m}"]) for r in sel]
+                finite = [v for v in vals if math.isfinite(v)]
+                agg[f"{kind}_{m}"] = float(np.mean(finite)) if finite else float("nan")
+        out[variant] = agg
+    return out
+
+
+def _variant_order(variant: str) -> int:
+    return VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
+
+
+def table1(agg: dict[str, dict], resolution: int) -> list[dict]:
+    """Rows in the layout of the paper's Table 1: task, method, resolution, PSNR, SSIM, LPIPS.
+
+    Multi-view rows compare the generated images with the ground truth; 3D rows compare
+    renders of the reconstructed Gaussians at the same cameras.
+    """
+    names = {
+        "ouroboros": ("Ouroboros3D (SVD)", "Ouroboros3D (LGM)"),
+        "two_stage": ("Two-stage, no feedback (SVD)", "Two-stage, no feedback (SVD + LGM)"),
+    }
+    rows = []
+    for task, kind, idx in (("Image-to-Multiview", "mv", 0), ("Image-to-3D", "gs", 1)):
+        for variant, a in agg.items():
+            rows.append({
+                "task": task, "method": names.get(variant, (variant, variant))[idx],
+                "resolution": f"{resolution}x{resolution}", "objects": a["objects"],
+                "psnr": a[f"{kind}_psnr"], "ssim": a[f"{kind}_ssim"], "lpips": a[f"{kind}_lpips"],
+            })  # fmt: skip
+    return rows
+
+
+def table2(agg: dict[str, dict]) -> list[dict]:
+    """Rows in the layout of the paper's Table 2 (ablation of the feedback).
+
+    Metrics are those of the 3DGS renders; the deltas are the absolute differences between the
+    multi-view and the 3DGS means (Sec. 4.3: "absolute distances of performance metrics
+    between the generated multiviews and 3DGS").
+    """
+    rows = []
+    for a in agg.values():
+        row = {"jointly_training": "yes" if a["joint_training"] else "no",
+               "feedbacks": FEEDBACK_LABEL.get(a["feedback"], a["feedback"]),
+               "objects": a["objects"]}  # fmt: skip
+        for m in METRICS:
+            row[m] = a[f"gs_{m}"]
+        for m in METRICS:
+            row[f"delta_{m}"] = abs(a[f"mv_{m}"] - a[f"gs_{m}"])
+        rows.append(row)
+    return rows
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table of ``rows`` with ``columns`` = [(key, header), ...]."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]  # fmt: skip
+    lines += ["| " + " | ".join(_fmt(r[k]) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+T1_COLUMNS = [("task", "Task"), ("method", "Method"), ("resolution", "Resolution"),
+              ("objects", "Objects"), ("psnr", "PSNR ↑"), ("ssim", "SSIM ↑"),
+              ("lpips", "LPIPS ↓")]  # fmt: skip
+T2_COLUMNS = [("jointly_training", "Jointly training"), ("feedbacks", "Feedbacks"),
+              ("objects", "Objects"), ("psnr", "PSNR ↑"), ("ssim", "SSIM ↑"),
+              ("lpips", "LPIPS ↓"), ("delta_psnr", "ΔPSNR ↓"), ("delta_ssim", "ΔSSIM ↓"),
+              ("delta_lpips", "ΔLPIPS ↓")]  # fmt: skip
+
+
+def tables_markdown(t1: list[dict], t2: list[dict], meta: dict) -> str:
+    """Table 1 and Table 2 as Markdown, with the run's settings and the paper's numbers."""
+    paper1 = [dict(zip([k for k, _ in T1_COLUMNS], (*r[:3], 100, *r[3:]))) for r in PAPER_TABLE1]
+    paper2 = [dict(zip([k for k, _ in T2_COLUMNS], (*r[:2], 100, *r[2:]))) for r in PAPER_TABLE2]
+    lpips_note = (
+        f"LPIPS trunk: {meta['lpips_net']}"
+        + ("" if meta["lpips_comparable"] else
+           " with RANDOM weights (ImageNet weights not cached): LPIPS NOT comparable")
+    )  # fmt: skip
+    return "\n\n".join([
+        "# GSO benchmark",
+        f"Checkpoint `{meta['checkpoint']}`, {meta['objects']} objects, {meta['steps']} sampling "
+        f"steps, {meta['views']} views per object, resolution {meta['resolution']} px. "
+        f"{lpips_note}.",
+        "## Table 1: multi-view images and 3D (renders of the Gaussians) vs ground truth",
+        markdown_table(t1, T1_COLUMNS),
+        "## Table 2: feedback ablation (3DGS metrics; Δ = |multi-view − 3DGS|)",
+        markdown_table(t2, T2_COLUMNS),
+        "## For reference: the paper's numbers (its own, unpublished, 100-object GSO selection)",
+        markdown_table(paper1, T1_COLUMNS),
+        markdown_table(paper2, T2_COLUMNS),
+    ]) + "\n"  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- files
+def write_rows(out_dir: str | Path, rows: list[dict]) -> tuple[Path, Path]:
+    """Per-object rows as ``per_object.parquet`` and ``per_object.csv`` (atomic writes)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    table = pa.Table.from_pylist([{c: r[c] for c in ROW_COLUMNS} for r in rows])
+    paths = out_dir / "per_object.parquet", out_dir / "per_object.csv"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(paths[0], sink.getvalue().to_pybytes())
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink)
+    atomic_write_bytes(paths[1], sink.getvalue().to_pybytes())
+    return paths
+
+
+def write_tables(out_dir: str | Path, rows: list[dict], meta: dict) -> dict:
+    """Aggregate ``rows`` and write ``tables.md`` and ``tables.json``. Returns the JSON dict."""
+    out_dir = Path(out_dir)
+    agg = aggregate(rows)
+    t1, t2 = table1(agg, meta["resolution"]), table2(agg)
+    result = {"meta": meta, "aggregates": agg, "table1": t1, "table2": t2}
+    atomic_write_text(out_dir / "tables.json", json.dumps(result, indent=2, allow_nan=True))
+    atomic_write_text(out_dir / "tables.md", tables_markdown(t1, t2, meta))
+    return result
+
+
+def to_uint8(images) -> np.ndarray:
+    """[..., 3, H, W] float in [0, 1] (tensor or array) -> [..., H, W, 3] uint8."""
+    arr = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, np.float32)
+    return (np.clip(np.moveaxis(arr, -3, -1), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def image_strip(rows: list) -> np.ndarray:
+    """Stack rows of views into one picture: each row [V, 3, H, W] in [0, 1] side by side.
+
+    Returns:
+        [rows * H, V * W, 3] uint8 (1 px white separators).
+    """
+    lines = []
+    for views in rows:
+        v = to_uint8(views)  # [V, H, W, 3]
+        sep = np.full((v.shape[1], 1, 3), 255, np.uint8)
+        lines.append(np.concatenate([x for img in v for x in (img, sep)][:-1], axis=1))
+    hsep = np.full((1, lines[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([x for line in lines for x in (line, hsep)][:-1], axis=0)
+
+
+def save_png(path: str | Path, image: np.ndarray) -> None:
+    """Save an [H, W, 3|4] uint8 image as PNG, atomically."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(out_dir: str | Path, rows: list[dict], tables: dict, strips: dict[str, str]) -> Path:
+    """report.md: the tables, then per object its strip and its numbers.
+
+    Args:
+        strips: {object name: strip path relative to ``out_dir``}; each strip's rows are GT,
+            then generated views and 3DGS renders of each variant (the order in
+            :data:`STRIP_ROWS`).
+    """
+    out_dir = Path(out_dir)
+    meta = tables["meta"]
+    parts = [tables_markdown(tables["table1"], tables["table2"], meta).rstrip(),
+             "## Per object",
+             "Strip rows, top to bottom: " + ", ".join(STRIP_ROWS) + "."]  # fmt: skip
+    cols = [("variant", "Variant"), ("mv_psnr", "MV PSNR"), ("mv_ssim", "MV SSIM"),
+            ("mv_lpips", "MV LPIPS"), ("gs_psnr", "3DGS PSNR"), ("gs_ssim", "3DGS SSIM"),
+            ("gs_lpips", "3DGS LPIPS"), ("seconds", "Seconds")]  # fmt: skip
+    for name in dict.fromkeys(r["object"] for r in rows):
+        parts.append(f"### {name}")
+        if name in strips:
+            parts.append(f"![{name}]({strips[name]})")
+        parts.append(markdown_table([r for r in rows if r["object"] == name], cols))
+    path = out_dir / "report.md"
+    atomic_write_text(path, "\n\n".join(parts) + "\n")
+    return path
+
+
+STRIP_ROWS = (
+    "ground truth",
+    "Ouroboros3D generated views",
+    "Ouroboros3D 3DGS renders",
+    "two-stage generated views",
+    "two-stage 3DGS renders",
+)

@@ -1,0 +1,144 @@
+"""GSO discovery, the benchmark's tables and report, and the benchmark end to end (tiny model)."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval import gso, report
+
+ASSETS = Path("/work/shared/assets")
+GSO_MTL = """newmtl material_0
+Ka 1.0 1.0 1.0
+Kd 1.0 1.0 1.0
+Ks 0.0 0.0 0.0
+Ns 10.0
+illum 2
+map_Kd ../materials/textures/texture.png
+"""
+
+
+def _write_gso_object(root: Path, name: str, obj_path: Path, texture: Image.Image) -> None:
+    """Arrange a real OBJ mesh in the GSO layout: meshes/model.obj + model.mtl, texture.png."""
+    mesh_dir = root / name / "meshes"
+    tex_dir = root / name / "materials" / "textures"
+    mesh_dir.mkdir(parents=True)
+    tex_dir.mkdir(parents=True)
+    lines = [ln for ln in obj_path.read_text().splitlines()
+             if not ln.startswith(("mtllib", "usemtl"))]  # fmt: skip
+    first_face = next(i for i, ln in enumerate(lines) if ln.startswith("f "))
+    lines[first_face:first_face] = ["usemtl material_0"]
+    (mesh_dir / "model.obj").write_text("mtllib model.mtl\n" + "\n".join(lines) + "\n")
+    (mesh_dir / "model.mtl").write_text(GSO_MTL)
+    texture.convert("RGB").save(tex_dir / "texture.png")
+
+
+def _checker(size=256, cells=8):
+    yy, xx = np.mgrid[0:size, 0:size] * cells // size
+    rgb = np.where(((yy + xx) % 2)[..., None] == 0, [230, 80, 40], [40, 120, 220])
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+@pytest.fixture(scope="session")
+def gso_root(tmp_path_factory):
+    """Two real meshes of the shared assets in GSO layout (fuze: its own texture; spot: UVs, a
+    checker texture), plus a folder without a mesh, which discovery must skip."""
+    root = tmp_path_factory.mktemp("gso")
+    _write_gso_object(root, "fuze", ASSETS / "fuze" / "fuze.obj",
+                      Image.open(ASSETS / "fuze" / "fuze uv.jpg"))  # fmt: skip
+    _write_gso_object(root, "spot", ASSETS / "spot.obj", _checker())
+    (root / "not_an_object").mkdir()
+    return root
+
+
+def test_default_selection_has_100_unique_real_names():
+    names = gso.read_selection(gso.DEFAULT_SELECTION)
+    assert len(names) == 100 == len(set(names))
+    assert "Schleich_Lion_Action_Figure" in names
+    assert all(n.replace("_", "").isalnum() for n in names)
+
+
+def test_discovery_in_selection_order_reports_missing(gso_root, tmp_path):
+    sel = tmp_path / "sel.txt"
+    sel.write_text("# a comment\nspot\n\nAndroid_Figure_Panda  # not in this root\nfuze\n")
+    found = gso.discover(gso_root, sel)
+    assert [o.name for o in found.objects] == ["spot", "fuze"]
+    assert found.missing == ["Android_Figure_Panda"]
+    assert "1 selected objects missing" in found.summary()
+    assert "Android_Figure_Panda" in found.summary()
+    spot = found.objects[0]
+    assert spot.mesh_path == gso_root / "spot" / "meshes" / "model.obj"
+    assert spot.texture_path == gso_root / "spot" / "materials" / "textures" / "texture.png"
+    assert [o.name for o in gso.discover(gso_root, sel, limit=1).objects] == ["spot"]
+
+
+def test_discovery_all_and_default(gso_root):
+    assert [o.name for o in gso.discover(gso_root, "all").objects] == ["fuze", "spot"]
+    default = gso.discover(gso_root)  # real GSO names: none of them is in this root
+    assert default.objects == [] and len(default.missing) == 100
+
+
+def test_selection_and_root_errors_name_the_file(tmp_path):
+    dup = tmp_path / "dup.txt"
+    dup.write_text("a\nb\na\n")
+    with pytest.raises(ValueError, match=r"dup\.txt:3: object 'a' is listed twice"):
+        gso.read_selection(dup)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="lists no objects"):
+        gso.read_selection(empty)
+    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
+        gso.read_selection(tmp_path / "nowhere.txt")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        gso.discover(tmp_path / "no_root")
+
+
+def _row(obj, variant, feedback, mv, gs):
+    return dict(object=obj, variant=variant, feedback=feedback, joint_training=True, views=8,
+                mv_psnr=mv[0], mv_ssim=mv[1], mv_lpips=mv[2], gs_psnr=gs[0], gs_ssim=gs[1],
+                gs_lpips=gs[2], seconds=1.0)  # fmt: skip
+
+
+def test_tables_have_paper_layout_and_correct_means(tmp_path):
+    rows = [
+        _row("a", "ouroboros", "ccm_rgb", (20.0, 0.8, 0.2), (19.0, 0.7, 0.3)),
+        _row("b", "ouroboros", "ccm_rgb", (22.0, 0.9, 0.1), (math.inf, 0.9, 0.1)),
+        _row("a", "two_stage", "none", (18.0, 0.7, 0.3), (17.0, 0.6, 0.4)),
+        _row("b", "two_stage", "none", (16.0, 0.5, 0.5), (15.0, 0.4, 0.6)),
+    ]
+    meta = dict(checkpoint="ckpt", objects=2, steps=2, views=8, resolution=64,
+                lpips_net="vgg", lpips_comparable=False)  # fmt: skip
+    result = report.write_tables(tmp_path, rows, meta)
+    t1, t2 = result["table1"], result["table2"]
+    assert [(r["task"], r["method"]) for r in t1] == [
+        ("Image-to-Multiview", "Ouroboros3D (SVD)"),
+        ("Image-to-Multiview", "Two-stage, no feedback (SVD)"),
+        ("Image-to-3D", "Ouroboros3D (LGM)"),
+        ("Image-to-3D", "Two-stage, no feedback (SVD + LGM)"),
+    ]
+    assert t1[0]["psnr"] == pytest.approx(21.0) and t1[0]["ssim"] == pytest.approx(0.85)
+    assert t1[2]["psnr"] == pytest.approx(19.0)  # +inf (perfect object) skipped
+    assert [(r["jointly_training"], r["feedbacks"]) for r in t2] == [("yes", "CCM + RGB"),
+                                                                     ("yes", "none")]
+    assert t2[1]["delta_psnr"] == pytest.approx(1.0)
+    assert t2[1]["delta_lpips"] == pytest.approx(0.1)
+    md = (tmp_path / "tables.md").read_text()
+    assert "NOT comparable" in md and "| Image-to-3D | Ouroboros3D (LGM) | 64x64 | 2 |" in md
+    assert json.loads((tmp_path / "tables.json").read_text())["table2"][0]["feedbacks"] == "CCM + RGB"
+    pq_path, csv_path = report.write_rows(tmp_path, rows)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(pq_path).num_rows == 4
+    assert csv_path.read_text().splitlines()[0].startswith('"object","variant"')
+
+
+def test_image_strip_layout():
+    a = np.zeros((3, 3, 4, 5), np.float32)
+    b = np.ones((3, 3, 4, 5), np.float32)
+    strip = report.image_strip([a, b])
+    assert strip.shape == (2 * 4 + 1, 3 * 5 + 2, 3) and strip.dtype == np.uint8
+    assert strip[0, 0].tolist() == [0, 0, 0] and strip[-1, 0].tolist() == [255, 255, 255]
