@@ -1,0 +1,159 @@
+"""The job manifest: one Parquet row per object (DESIGN.md section 3).
+
+Status values: ``filtered`` (rejected before rendering, ``reason`` says by which rule),
+``pending`` (to render), ``done`` (its samples are in ``shard``), ``failed`` (``reason`` says
+why; retried by a re-run up to a limit). The file is rewritten whole, atomically
+(temporary file + rename), so a reader never sees half a manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline.sources import ObjectRecord
+
+STATUSES = ("filtered", "pending", "done", "failed")
+
+SCHEMA = pa.schema(
+    [
+        ("uid", pa.string()),
+        ("source", pa.string()),
+        ("path", pa.string()),
+        ("size", pa.int64()),
+        ("sha256", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("attempts", pa.int32()),
+        ("shard", pa.string()),
+        ("render_seconds", pa.float64()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+        ("updated_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class ManifestRow:
+    """One object's state in the job."""
+
+    uid: str
+    source: str
+    path: str
+    size: int | None = None
+    sha256: str | None = None
+    status: str = "pending"
+    reason: str | None = None
+    attempts: int = 0
+    shard: str | None = None
+    render_seconds: float | None = None
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise ValueError(f"object {self.uid}: unknown status {self.status!r}")
+        stamp = now()
+        self.created_at = self.created_at or stamp
+        self.updated_at = self.updated_at or stamp
+
+    def update(self, **changes) -> None:
+        """Set fields and the ``updated_at`` time."""
+        for name, value in changes.items():
+            setattr(self, name, value)
+        if self.status not in STATUSES:
+            raise ValueError(f"object {self.uid}: unknown status {self.status!r}")
+        self.updated_at = now()
+
+    @classmethod
+    def from_record(cls, record: ObjectRecord, status="pending", reason=None) -> "ManifestRow":
+        return cls(
+            uid=record.uid, source=record.source, path=str(record.path_or_url),
+            size=record.size, sha256=record.sha256, status=status, reason=reason,
+        )
+
+
+def read_manifest(path: str | Path) -> dict[str, ManifestRow]:
+    """Rows by uid; an absent file is an empty manifest.
+
+    Raises:
+        ValueError naming the file when it is not a manifest (unreadable, columns missing).
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise ValueError(f"{path}: not a readable Parquet manifest ({error})") from None
+    missing = set(SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
+    rows = {}
+    for item in table.select(SCHEMA.names).to_pylist():
+        rows[item["uid"]] = ManifestRow(**item)
+    return rows
+
+
+def write_manifest(path: str | Path, rows: Iterable[ManifestRow]) -> None:
+    """Write all rows (sorted by uid) atomically: temporary file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    items = [asdict(row) for row in sorted(rows, key=lambda r: r.uid)]
+    columns = {f.name: [item[f.name] for item in items] for f in fields(ManifestRow)}
+    table = pa.Table.from_pydict(columns, schema=SCHEMA)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        pq.write_table(table, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def merge_records(
+    rows: dict[str, ManifestRow],
+    records: Iterable[ObjectRecord],
+    filtered: Iterable[tuple[ObjectRecord, str]] = (),
+) -> dict[str, ManifestRow]:
+    """Add this run's objects to an existing manifest (resume).
+
+    New objects become ``pending``; rows already ``done`` or ``failed`` keep their state, unless
+    the object's file changed (other sha256), which makes it ``pending`` again with its attempts
+    reset. Filtered objects are recorded as ``filtered`` with the rule's reason (a ``done``
+    row stays done).
+
+    Returns:
+        the updated rows (the same dict).
+    """
+    for record in records:
+        row = rows.get(record.uid)
+        if row is None or row.status == "filtered":
+            rows[record.uid] = ManifestRow.from_record(record)
+        elif record.sha256 and row.sha256 and record.sha256 != row.sha256:
+            row.update(
+                path=str(record.path_or_url), size=record.size, sha256=record.sha256,
+                status="pending", reason="file changed since the last run", attempts=0,
+                shard=None, render_seconds=None,
+            )
+    for record, reason in filtered:
+        row = rows.get(record.uid)
+        if row is None or row.status != "done":
+            rows[record.uid] = ManifestRow.from_record(record, status="filtered", reason=reason)
+    return rows
+
+
+def status_counts(rows: Iterable[ManifestRow]) -> dict[str, int]:
+    counts = dict.fromkeys(STATUSES, 0)
+    for row in rows:
+        counts[row.status] += 1
+    return counts
