@@ -1,0 +1,239 @@
+"""GSO benchmark (Sec. 4.1-4.3): image-to-multiview and image-to-3D against ground-truth renders.
+
+For each object of the selection:
+
+1. Ground truth: orbit 0 of the object rendered with the project's renderer
+   (``data_pipeline.render.render_object``, cameras drawn from the object name like every
+   training orbit), only the 8 frames the model sees: ``training_frame_indices(0)`` =
+   0, 2, ..., 14. Frame 0 is the condition image ("pick the first frame as the conditioning
+   image", Sec. 4.1). The frames go through the training loader's own conversion
+   (``training.loader.to_training_views``: composited over the model's background, resized to
+   the model resolution, cameras in the model frame of frame 0).
+2. Sampling (Algorithm 2) twice with the same seed: ``ouroboros`` = the checkpoint with its
+   3D-aware feedback; ``two_stage`` = the same checkpoint with the feedback switched off
+   (multi-view generation, then one reconstruction of the final views: the two-stage baseline
+   and the no-feedback row of Table 2).
+3. Metrics (PSNR, SSIM, LPIPS, ``eval/metrics.py``) on all 8 views: (a) generated views vs
+   ground truth, (b) renders of the reconstructed Gaussians at the same cameras vs ground truth.
+
+Outputs in ``--output``: ``per_object.parquet`` / ``.csv``, ``tables.md`` / ``tables.json``
+(Table 1 and Table 2 layouts), ``report.md`` with ``strips/<object>.png``, and
+``objects/<object>.json`` per finished object (a rerun skips those: the run is resumable).
+
+    python eval/gso_benchmark.py --gso-root <dir> --checkpoint <export dir> --output <dir>
+        [--limit N --steps 25 --resolution PX --selection FILE|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_pipeline.conventions import training_frame_indices
+from eval import gso, report
+from eval.metrics import LPIPSMetric, image_metrics
+
+VARIANT_FEEDBACK_OFF = "two_stage"
+VARIANT_FEEDBACK_ON = "ouroboros"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python eval/gso_benchmark.py",
+        description="GSO benchmark of an Ouroboros3D checkpoint (paper Tables 1 and 2).",
+    )
+    p.add_argument("--gso-root", required=True, type=Path,
+                   help="folder of GSO objects (<name>/meshes/model.obj)")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="Ouroboros3D export folder (Ouroboros3D.save_pretrained)")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--selection", default=None,
+                   help="selection file (default eval/gso_selection.txt) or 'all'")
+    p.add_argument("--limit", type=int, default=None, help="first N objects found")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (paper: 25)")
+    p.add_argument("--feedback-every", type=int, default=1,
+                   help="feedback every k steps for the ouroboros variant")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="ground-truth render resolution (default: the model's; resized to it)")
+    p.add_argument("--render-samples", type=int, default=32, help="Cycles samples per pixel")
+    p.add_argument("--render-device", default="auto", help="auto | cpu | cuda | optix")
+    p.add_argument("--device", default="auto", help="model device: auto | cpu | cuda")
+    p.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex", "squeeze"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="recompute finished objects")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- ground truth
+def render_ground_truth(obj: gso.GSOObject, resolution: int, samples: int, device: str):
+    """Orbit 0 of a GSO object, only the model's 8 frames (0, 2, ..., 14).
+
+    Returns:
+        ``data_pipeline.render.OrbitRender`` with F = 8 frames, frame 0 = condition.
+    """
+    from data_pipeline.render import RenderSettings, render_object
+
+    settings = RenderSettings(
+        resolution=resolution, samples=samples, num_orbits=1, device=device,
+        frames=tuple(int(i) for i in training_frame_indices(0)),
+    )  # fmt: skip
+    return render_object(obj.mesh_path, obj.name, settings, source="gso")[0]
+
+
+def ground_truth_views(orbit, resolution: int, background: float) -> dict:
+    """Rendered frames -> the model's view set, exactly as the training loader builds it.
+
+    Returns:
+        dict(images [8,3,R,R] in [-1,1], alphas, ccm, c2w [8,4,4] model frame, K [8,3,3]).
+    """
+    from training.loader import to_training_views
+
+    views = dict(rgba=orbit.rgba, ccm=orbit.ccm, c2w=orbit.c2w.astype(np.float64),
+                 K=orbit.K.astype(np.float64), meta=orbit.meta)  # fmt: skip
+    return to_training_views(views, resolution, [background] * 3)
+
+
+# ----------------------------------------------------------------------------- sampling
+@contextlib.contextmanager
+def feedback_mode(model, mode: str):
+    """Temporarily switch the model's 3D-aware feedback (``"none"`` = two-stage baseline)."""
+    previous = model.config.feedback
+    model.config.feedback = mode
+    try:
+        yield model
+    finally:
+        model.config.feedback = previous
+
+
+def generate(model, gt: dict, steps: int, feedback_every: int, seed: int, device) -> dict:
+    """Algorithm 2 on one object, then the reconstructed Gaussians rendered at the 8 cameras.
+
+    Returns:
+        dict(views [8,3,R,R] in [0,1], renders [8,3,R,R] in [0,1], seconds)
+    """
+    from model.rasterizer import render_gaussians
+
+    cond = gt["images"][:1].to(device)
+    c2w, K = gt["c2w"][None].to(device), gt["K"][None].to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.sample(cond, c2w, K, num_steps=steps, feedback_every=feedback_every,
+                           generator=generator, progress=False)  # fmt: skip
+        res = gt["images"].shape[-1]
+        rendered = render_gaussians(out.gaussians, c2w, K, res, res,
+                                    background=float(model.config.background))  # fmt: skip
+    seconds = time.perf_counter() - start
+    return dict(views=((out.views[0] + 1) / 2).clamp(0, 1).float().cpu(),
+                renders=rendered["rgb"][0].clamp(0, 1).float().cpu(), seconds=seconds)  # fmt: skip
+
+
+def object_seed(seed: int, name: str) -> int:
+    """Per-object seed, the same for both variants (they differ only by the feedback)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+# ----------------------------------------------------------------------------- one object
+def evaluate_object(model, obj: gso.GSOObject, args, lpips_metric, device) -> tuple[list, np.ndarray]:
+    """Render the ground truth, sample both variants, compute metrics.
+
+    Returns:
+        (two per-object rows, strip image [5*R+4, 8*R+7, 3] uint8)
+    """
+    cfg = model.config
+    orbit = render_ground_truth(obj, args.resolution or cfg.resolution, args.render_samples,
+                                args.render_device)  # fmt: skip
+    gt = ground_truth_views(orbit, cfg.resolution, float(cfg.background))
+    target = (gt["images"] + 1) / 2
+    seed = object_seed(args.seed, obj.name)
+    variants = [(VARIANT_FEEDBACK_ON, cfg.feedback, args.feedback_every),
+                (VARIANT_FEEDBACK_OFF, "none", args.feedback_every)]  # fmt: skip
+    rows, strip_rows = [], [target]
+    for variant, mode, every in variants:
+        with feedback_mode(model, mode):
+            out = generate(model, gt, args.steps, every, seed, device)
+        mv = image_metrics(out["views"], target, lpips_metric)
+        gs = image_metrics(out["renders"], target, lpips_metric)
+        row = dict(object=obj.name, variant=variant, feedback=mode,
+                   joint_training=bool(cfg.joint_training), views=int(target.shape[0]),
+                   seconds=round(out["seconds"], 3))  # fmt: skip
+        row.update({f"mv_{k}": float(v.mean()) for k, v in mv.items()})
+        row.update({f"gs_{k}": float(v.mean()) for k, v in gs.items()})
+        rows.append(row)
+        strip_rows += [out["views"], out["renders"]]
+    return rows, report.image_strip(strip_rows)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from data_pipeline.render import RenderError
+    from model.ouroboros import Ouroboros3D
+
+    found = gso.discover(args.gso_root, args.selection, args.limit)
+    print(found.summary(), file=sys.stderr)
+    if not found.objects:
+        print(f"error: no selected object found under {args.gso_root}", file=sys.stderr)
+        return 2
+    if not args.checkpoint.is_dir():
+        print(f"error: checkpoint {args.checkpoint} is not a folder", file=sys.stderr)
+        return 2
+    device = resolve_device(args.device)
+    model = Ouroboros3D.from_pretrained(args.checkpoint).to(device).eval()
+    lpips_metric = LPIPSMetric(args.lpips_net, device=device)
+    out_dir = args.output
+    (out_dir / "objects").mkdir(parents=True, exist_ok=True)
+
+    rows, strips, failed = [], {}, {}
+    for obj in tqdm(found.objects, desc="GSO objects", unit="obj"):
+        done = out_dir / "objects" / f"{obj.name}.json"
+        strip_rel = f"strips/{obj.name}.png"
+        if done.is_file() and not args.overwrite:
+            rows += json.loads(done.read_text())
+            strips[obj.name] = strip_rel
+            continue
+        try:
+            obj_rows, strip = evaluate_object(model, obj, args, lpips_metric, device)
+        except RenderError as err:
+            failed[obj.name] = f"render failed ({err.reason}): {err}"
+            tqdm.write(f"{obj.name}: {failed[obj.name]}", file=sys.stderr)
+            continue
+        report.save_png(out_dir / strip_rel, strip)
+        report.atomic_write_text(done, json.dumps(obj_rows, indent=2))
+        rows += obj_rows
+        strips[obj.name] = strip_rel
+
+    if not rows:
+        print("error: no object could be evaluated", file=sys.stderr)
+        return 1
+    meta = dict(checkpoint=str(args.checkpoint), objects=len({r["object"] for r in rows}),
+                steps=args.steps, views=rows[0]["views"], resolution=model.config.resolution,
+                lpips_net=lpips_metric.net, lpips_comparable=lpips_metric.comparable,
+                seed=args.seed, missing=found.missing, failed=failed)  # fmt: skip
+    report.write_rows(out_dir, rows)
+    tables = report.write_tables(out_dir, rows, meta)
+    path = report.write_report(out_dir, rows, tables, strips)
+    print((out_dir / "tables.md").read_text())
+    print(f"report: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
