@@ -165,11 +165,16 @@ def tables_markdown(t1: list[dict], t2: list[dict], meta: dict) -> str:
         + ("" if meta["lpips_comparable"] else
            " with RANDOM weights (ImageNet weights not cached): LPIPS NOT comparable")
     )  # fmt: skip
+    skipped = "".join(
+        f" {len(meta[k])} selected objects {what}: {', '.join(meta[k])}."
+        for k, what in (("missing", "missing from the GSO root"), ("failed", "failed to render"))
+        if meta.get(k)
+    )
     return "\n\n".join([
         "# GSO benchmark",
         f"Checkpoint `{meta['checkpoint']}`, {meta['objects']} objects, {meta['steps']} sampling "
         f"steps, {meta['views']} views per object, resolution {meta['resolution']} px. "
-        f"{lpips_note}.",
+        f"{lpips_note}.{skipped}",
         "## Table 1: multi-view images and 3D (renders of the Gaussians) vs ground truth",
         markdown_table(t1, T1_COLUMNS),
         "## Table 2: feedback ablation (3DGS metrics; Δ = |multi-view − 3DGS|)",
