@@ -1,0 +1,141 @@
+"""Command line of the data pipeline.
+
+    python -m data_pipeline render --input <dir> --output <dir> --resolution 128
+    python -m data_pipeline render --source demo --count 12 --output <dir> --resolution 128
+    python -m data_pipeline render --source objaverse --objaverse-list lgm.csv --limit 1000 \\
+        --output <dir> --ray-address auto --gpus-per-task 1
+    python -m data_pipeline filter --output <dir> [--objaverse-list lgm.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+from data_pipeline import objaverse_filter
+
+
+def _add_filter_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("objaverse selection and filter")
+    group.add_argument("--objaverse-list", type=Path, help="published keep list, CSV rows glb-group,uid")
+    group.add_argument("--uids", nargs="+", help="only these Objaverse uids")
+    group.add_argument("--lvis", nargs="+", metavar="CATEGORY", help="only these LVIS categories")
+    group.add_argument("--captions", type=Path, help="CSV uid,caption checked for bad words")
+    group.add_argument("--limit", type=int, help="at most this many objects after filtering")
+    group.add_argument("--min-faces", type=int, default=objaverse_filter.FilterRules.min_faces)
+    group.add_argument("--max-faces", type=int, default=objaverse_filter.FilterRules.max_faces)
+    group.add_argument("--max-mb", type=float, default=objaverse_filter.FilterRules.max_bytes / 2**20)
+    group.add_argument("--allow-untextured", action="store_true", help="keep objects without textures")
+
+
+def _rules(args) -> objaverse_filter.FilterRules:
+    return objaverse_filter.FilterRules(
+        require_texture=not args.allow_untextured, min_faces=args.min_faces,
+        max_faces=args.max_faces, max_bytes=int(args.max_mb * 2**20),
+    )
+
+
+def _objaverse(args):
+    from data_pipeline.sources import objaverse_objects
+
+    return objaverse_objects(uids=args.uids, lvis_categories=args.lvis, keep_list=args.objaverse_list,
+                             rules=_rules(args), captions=args.captions, limit=args.limit)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    render = commands.add_parser("render", help="render objects into WebDataset shards")
+    render.add_argument("--source", choices=("local", "demo", "objaverse"), default="local")
+    render.add_argument("--input", type=Path, help="folder of meshes (implies --source local)")
+    render.add_argument("--count", type=int, default=12, help="demo objects to make")
+    render.add_argument("--seed", type=int, default=0, help="demo object seed")
+    render.add_argument("--output", type=Path, required=True)
+    render.add_argument("--resolution", type=int, default=512)
+    render.add_argument("--samples", type=int, default=32, help="Cycles samples per pixel")
+    render.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "optix"))
+    render.add_argument("--timeout", type=float, default=900.0, help="seconds per object")
+    render.add_argument("--memory-gb", type=float, default=8.0, help="address-space cap per render")
+    render.add_argument("--workers", type=int, help="local Ray CPUs (default: all)")
+    render.add_argument("--ray-address", help="'auto' to join the Ray cluster (ray submit)")
+    render.add_argument("--gpus-per-task", type=float, default=0.0)
+    render.add_argument("--max-in-flight", type=int, help="tasks submitted at once (default 2 x CPUs/GPUs)")
+    render.add_argument("--per-shard", type=int, default=64, help="samples (orbits) per shard")
+    render.add_argument("--max-retries", type=int, default=2, help="re-runs retry failed objects this often")
+    render.add_argument("--no-contact-sheet", action="store_true")
+    _add_filter_args(render)
+
+    filt = commands.add_parser("filter", help="filter Objaverse, write the keep list and summary")
+    filt.add_argument("--output", type=Path, required=True)
+    _add_filter_args(filt)
+
+    args = parser.parse_args(argv)
+    if args.command == "render":
+        if args.input is not None:
+            if args.source not in ("local",):
+                parser.error("--input goes with --source local")
+            if not args.input.is_dir():
+                parser.error(f"--input {args.input}: not a folder")
+        elif args.source == "local":
+            parser.error("--source local needs --input <folder of meshes>")
+    return args
+
+
+def command_render(args) -> int:
+    from data_pipeline.job import JobConfig, run_job
+    from data_pipeline.render import RenderSettings
+    from data_pipeline.sources import demo_objects, local_objects
+
+    filtered = []
+    if args.source == "local":
+        records = local_objects(args.input)
+    elif args.source == "demo":
+        records = demo_objects(args.count, args.output / "demo_objects", seed=args.seed)
+    else:
+        records, filtered, summary = _objaverse(args)
+        print(summary)
+        args.output.mkdir(parents=True, exist_ok=True)
+        summary.save(args.output / "filter_summary.json")
+    if not records:
+        print("no objects to render", file=sys.stderr)
+        return 1
+    settings = RenderSettings(resolution=args.resolution, samples=args.samples, device=args.device,
+                              timeout_s=args.timeout, memory_limit_gb=args.memory_gb)
+    config = JobConfig(output=args.output, settings=settings, workers=args.workers,
+                       ray_address=args.ray_address, per_shard=args.per_shard,
+                       max_retries=args.max_retries, gpus_per_task=args.gpus_per_task,
+                       max_in_flight=args.max_in_flight, contact_sheet=not args.no_contact_sheet)
+    summary = run_job(records, config, filtered)
+    print(summary)
+    print(f"shards and manifest: {args.output}")
+    return 0 if summary.pending == 0 else 1
+
+
+def command_filter(args) -> int:
+    records, _, summary = _objaverse(args)
+    print(summary)
+    args.output.mkdir(parents=True, exist_ok=True)
+    summary.save(args.output / "filter_summary.json")
+    keep = args.output / "objaverse_keep.csv"
+    tmp = keep.with_name(keep.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        for record in records:  # URL ends in glbs/<group>/<uid>.glb
+            writer.writerow([record.path_or_url.rsplit("/", 2)[-2], record.uid])
+    os.replace(tmp, keep)
+    print(f"kept {len(records)} objects: {keep}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return command_render(args) if args.command == "render" else command_filter(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

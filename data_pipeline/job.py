@@ -1,0 +1,276 @@
+"""The render job: objects -> Ray tasks (one per object, Blender in its own process) -> shards
+written by the driver as results arrive -> manifest.
+
+Durability: a shard is renamed to its final name only when complete, and the manifest marks
+its objects ``done`` right after. A kill between the two leaves a finished shard that no row
+names: the next run adopts it (its objects become ``done``) instead of rendering them again,
+so samples are never duplicated; samples of a shard that was still open were never committed
+and their objects are simply rendered again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_pipeline.contact_sheet import write_contact_sheet
+from data_pipeline.manifest import (
+    ManifestRow,
+    merge_records,
+    read_manifest,
+    status_counts,
+    write_manifest,
+)
+from data_pipeline.render import RenderError, RenderSettings, render_object
+from data_pipeline.shards import ShardWriter, encode_object, list_shards
+from data_pipeline.sources import ObjectRecord, file_sha256, resolve_path
+
+MANIFEST_NAME = "manifest.parquet"
+CONTACT_SHEET_NAME = "contact_sheet.png"
+SUMMARY_NAME = "job_summary.json"
+FAILURE_FLUSH_S = 30.0  # failures alone rewrite the manifest at most this often
+
+
+@dataclass
+class JobConfig:
+    """How to run a job. ``ray_address=None`` starts a local Ray with ``workers`` CPUs;
+    ``"auto"`` joins the cluster this process runs on (``ray submit``)."""
+
+    output: Path
+    settings: RenderSettings = field(default_factory=RenderSettings)
+    workers: int | None = None
+    ray_address: str | None = None
+    per_shard: int = 64
+    max_retries: int = 2
+    gpus_per_task: float = 0.0
+    max_in_flight: int | None = None
+    contact_sheet: bool = True
+
+
+@dataclass
+class JobSummary:
+    """Counts over the whole manifest plus what this run did."""
+
+    done: int
+    failed: int
+    filtered: int
+    pending: int
+    rendered_this_run: int
+    failed_this_run: int
+    wall_seconds: float
+    objects_per_hour: float
+    mean_render_seconds: float | None
+    shards: int
+
+    def __str__(self) -> str:
+        mean = "n/a" if self.mean_render_seconds is None else f"{self.mean_render_seconds:.1f} s"
+        return (
+            f"manifest: {self.done} done, {self.failed} failed, {self.filtered} filtered, "
+            f"{self.pending} pending; {self.shards} shards\n"
+            f"this run: {self.rendered_this_run} rendered, {self.failed_this_run} failed in "
+            f"{self.wall_seconds:.1f} s = {self.objects_per_hour:.0f} objects/hour "
+            f"(mean render time per object {mean})"
+        )
+
+
+@dataclass
+class TaskResult:
+    """What a render task sends back to the driver: encoded samples or a failure reason."""
+
+    uid: str
+    ok: bool
+    seconds: float
+    samples: list[dict] | None = None
+    reason: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+
+def render_task(record: ObjectRecord, settings: RenderSettings) -> TaskResult:
+    """Render one object and encode its samples (runs inside a Ray worker).
+
+    Render failures (RenderError) and errors fetching or reading the object become a failed
+    result with a reason, so one bad object never stops the job.
+    """
+    start = time.perf_counter()
+    try:
+        path = resolve_path(record)
+        renders = render_object(path, record.uid, settings, source=record.source)
+        samples = encode_object(renders, record.uid)
+        size = record.size if record.sha256 else os.path.getsize(path)
+        sha = record.sha256 or file_sha256(path)
+    except RenderError as error:
+        return TaskResult(record.uid, False, time.perf_counter() - start,
+                          reason=f"{error.reason}: {error}")
+    except Exception as error:  # noqa: BLE001 - any other failure is recorded, the job goes on
+        return TaskResult(record.uid, False, time.perf_counter() - start,
+                          reason=f"error: {type(error).__name__}: {error}")
+    return TaskResult(record.uid, True, time.perf_counter() - start, samples=samples,
+                      size=size, sha256=sha)
+
+
+# ----------------------------------------------------------------------------- resume
+def shard_uids(path: Path) -> set[str]:
+    """uids whose samples a finished shard holds (from member names ``<uid>_o<k>.*``)."""
+    with tarfile.open(path) as tar:
+        keys = {name.split(".", 1)[0] for name in tar.getnames()}
+    return {key.rsplit("_o", 1)[0] for key in keys}
+
+
+def reconcile_shards(rows: dict[str, ManifestRow], output: Path) -> None:
+    """Make the manifest agree with the shards on disk.
+
+    A finished shard that no ``done`` row names (killed between the rename and the manifest
+    write) is adopted: its objects become ``done`` in it. A ``done`` row whose shard is gone
+    goes back to ``pending``.
+    """
+    named = {row.shard for row in rows.values() if row.status == "done"}
+    for shard in list_shards(output):
+        if shard.name in named:
+            continue
+        for uid in shard_uids(shard):
+            row = rows.get(uid) or ManifestRow(uid=uid, source="unknown", path="")
+            row.update(status="done", shard=shard.name, reason="adopted from an orphan shard")
+            rows[uid] = row
+    present = {shard.name for shard in list_shards(output)}
+    for row in rows.values():
+        if row.status == "done" and row.shard not in present:
+            row.update(status="pending", shard=None, reason=f"shard {row.shard} missing")
+
+
+def objects_to_render(rows: dict[str, ManifestRow], records: list[ObjectRecord],
+                      max_retries: int) -> list[ObjectRecord]:
+    """This run's records that are pending, or failed with retries left (in record order)."""
+    todo = []
+    for record in records:
+        row = rows[record.uid]
+        if row.status == "pending" or (row.status == "failed" and row.attempts <= max_retries):
+            todo.append(record)
+    return todo
+
+
+# ----------------------------------------------------------------------------- driver
+def _init_ray(config: JobConfig):
+    import ray
+
+    if config.ray_address:
+        ray.init(address=config.ray_address)
+    else:
+        ray.init(num_cpus=config.workers, include_dashboard=False,
+                 object_store_memory=512 * 2**20)
+    return ray
+
+
+def run_job(records: list[ObjectRecord], config: JobConfig,
+            filtered: list[tuple[ObjectRecord, str]] = ()) -> JobSummary:
+    """Render every object of ``records`` not yet done into ``config.output``.
+
+    Writes ``shard-*.tar``, ``manifest.parquet``, ``contact_sheet.png`` and ``job_summary.json``.
+    Re-running skips ``done`` objects and retries ``failed`` ones up to ``max_retries`` times.
+    """
+    started = time.perf_counter()
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    manifest_path = output / MANIFEST_NAME
+    duplicates = len(records) - len({r.uid for r in records})
+    if duplicates:
+        raise ValueError(f"{duplicates} objects share a uid: uids must be unique")
+
+    rows = read_manifest(manifest_path)
+    merge_records(rows, records, filtered)
+    reconcile_shards(rows, output)
+    write_manifest(manifest_path, rows.values())
+    todo = objects_to_render(rows, records, config.max_retries)
+
+    rendered, failed, seconds = 0, 0, []
+    if todo:
+        ray = _init_ray(config)
+        try:
+            rendered, failed, seconds = _render_all(ray, todo, rows, config, manifest_path)
+        finally:
+            ray.shutdown()
+
+    counts = status_counts(rows.values())
+    wall = time.perf_counter() - started
+    summary = JobSummary(
+        done=counts["done"], failed=counts["failed"], filtered=counts["filtered"],
+        pending=counts["pending"], rendered_this_run=rendered, failed_this_run=failed,
+        wall_seconds=wall, objects_per_hour=rendered / wall * 3600 if rendered else 0.0,
+        mean_render_seconds=sum(seconds) / len(seconds) if seconds else None,
+        shards=len(list_shards(output)),
+    )
+    tmp = output / (SUMMARY_NAME + ".tmp")
+    tmp.write_text(json.dumps({**asdict(summary), "settings": asdict(config.settings)}, indent=2))
+    os.replace(tmp, output / SUMMARY_NAME)
+    if config.contact_sheet:
+        done_shards = sorted({row.shard for row in rows.values() if row.status == "done"})
+        write_contact_sheet([output / s for s in done_shards], output / CONTACT_SHEET_NAME)
+    return summary
+
+
+def _render_all(ray, todo, rows, config, manifest_path):
+    """Submit tasks in a bounded window, write shards as results arrive, keep the manifest
+    in step. Returns (rendered, failed, [render seconds])."""
+    task = ray.remote(render_task).options(max_retries=2, num_gpus=config.gpus_per_task)
+    resources = ray.cluster_resources()
+    window = config.max_in_flight or max(2, 2 * int(resources.get("GPU" if config.gpus_per_task else "CPU", 1)))
+    settings_ref = ray.put(config.settings)
+    queue, in_flight = list(reversed(todo)), {}
+    unrecorded: dict[str, TaskResult] = {}  # rendered, in the open shard, not yet in the manifest
+    rendered, failed, seconds = 0, 0, []
+    last_write = time.monotonic()
+    dirty = False
+
+    def commit(closed) -> None:
+        for uid in closed.uids:
+            result = unrecorded.pop(uid)
+            rows[uid].update(status="done", reason=None, shard=closed.path.name,
+                             attempts=rows[uid].attempts + 1, render_seconds=result.seconds,
+                             size=result.size, sha256=result.sha256)
+        write_manifest(manifest_path, rows.values())
+
+    progress = tqdm(total=len(todo), desc="render", unit="obj", dynamic_ncols=True)
+    with ShardWriter(config.output, config.per_shard) as writer:
+        while queue or in_flight:
+            while queue and len(in_flight) < window:
+                record = queue.pop()
+                in_flight[task.remote(record, settings_ref)] = record
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            record = in_flight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as error:  # the worker died max_retries + 1 times
+                result = TaskResult(record.uid, False, 0.0, reason=f"worker died: {error}")
+            if result.ok:
+                rendered += 1
+                seconds.append(result.seconds)
+                unrecorded[record.uid] = result
+                closed = writer.add_object(record.uid, result.samples)
+                result.samples = None
+                if closed:
+                    commit(closed)
+                    last_write, dirty = time.monotonic(), False
+            else:
+                failed += 1
+                row = rows[record.uid]
+                row.update(status="failed", reason=result.reason, attempts=row.attempts + 1,
+                           render_seconds=result.seconds)
+                dirty = True
+                tqdm.write(f"failed {record.uid}: {result.reason}")
+            if dirty and time.monotonic() - last_write > FAILURE_FLUSH_S:
+                write_manifest(manifest_path, rows.values())
+                last_write, dirty = time.monotonic(), False
+            progress.update(1)
+            progress.set_postfix(done=rendered, failed=failed)
+        closed = writer.close()
+    progress.close()
+    if closed:
+        commit(closed)
+    write_manifest(manifest_path, rows.values())
+    return rendered, failed, seconds
