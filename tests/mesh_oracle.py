@@ -1,0 +1,112 @@
+"""Independent reference for rendered masks and CCMs: ray casting into the source mesh.
+
+The mesh is read by trimesh (not Blender), moved into the normalised world with the
+recorded scale and offset and the importer's axis convention, and intersected with the rays
+of :func:`data_pipeline.conventions.camera_rays` (Moller-Trumbore). trimesh's own ray module
+needs rtree or embree, absent here, so triangles are culled by their projected bounding
+box and the exact ray-triangle test runs on the remaining (pixel, triangle) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import trimesh
+from scipy import ndimage
+
+from data_pipeline import conventions as C
+
+# Importers' axis conventions (file coordinates -> +Z-up world): glTF is +Y up by its
+# specification, OBJ is +Y up by convention, PLY is taken as is.
+Y_UP_TO_Z_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+EXPECTED_AXES = {".glb": Y_UP_TO_Z_UP, ".gltf": Y_UP_TO_Z_UP, ".obj": Y_UP_TO_Z_UP, ".ply": np.eye(3)}
+
+
+def load_world_mesh(mesh_path, scale: float, offset) -> trimesh.Trimesh:
+    """The source mesh in the normalised world: ``p' = scale * A p + offset``, A from the format."""
+    mesh = trimesh.load(str(mesh_path), force="mesh", process=False)
+    axes = EXPECTED_AXES[Path(mesh_path).suffix.lower()]
+    vertices = scale * np.asarray(mesh.vertices, dtype=np.float64) @ axes.T + np.asarray(offset)
+    return trimesh.Trimesh(vertices=vertices, faces=mesh.faces, process=False)
+
+
+def cast_rays(mesh: trimesh.Trimesh, c2w, K, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """First hit of each pixel-centre ray.
+
+    Returns:
+        hit [H, W] bool, points [H, W, 3] world coordinates (NaN where no hit).
+    """
+    origins, dirs = C.camera_rays(c2w, K, height, width)
+    origin = origins[0, 0]
+    tri = np.asarray(mesh.triangles, dtype=np.float64)  # [T, 3, 3]
+    # Project the vertices to find, per triangle, the pixel centres its bounding box covers.
+    w2c = np.linalg.inv(np.asarray(c2w, dtype=np.float64))
+    cam = tri @ w2c[:3, :3].T + w2c[:3, 3]
+    if (cam[..., 2] <= 0).any():
+        raise ValueError("oracle assumes the whole mesh lies in front of the camera")
+    pix = cam @ np.asarray(K, dtype=np.float64).T
+    pix = pix[..., :2] / pix[..., 2:]
+    lo = np.clip(np.floor(pix.min(1) - 0.5).astype(int) - 1, 0, [width - 1, height - 1])
+    hi = np.clip(np.ceil(pix.max(1) - 0.5).astype(int) + 1, 0, [width - 1, height - 1])
+    nu, nv = hi[:, 0] - lo[:, 0] + 1, hi[:, 1] - lo[:, 1] + 1
+    counts = nu * nv
+    tri_id = np.repeat(np.arange(len(tri)), counts)
+    local = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    u = lo[tri_id, 0] + local % nu[tri_id]
+    v = lo[tri_id, 1] + local // nu[tri_id]
+    t = moller_trumbore(origin, dirs[v, u], tri[tri_id])
+    best = np.full((height, width), np.inf)
+    np.minimum.at(best, (v, u), t)
+    hit = np.isfinite(best)
+    points = np.full((height, width, 3), np.nan)
+    points[hit] = origin + best[hit, None] * dirs[hit]
+    return hit, points
+
+
+def moller_trumbore(origin, dirs, tri, eps: float = 1e-12) -> np.ndarray:
+    """Ray parameter t of each (ray, triangle) pair, ``inf`` where they do not meet.
+
+    Args:
+        origin: [3].  dirs: [P, 3] unit.  tri: [P, 3, 3].
+    Returns:
+        t [P]
+    """
+    e1, e2 = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+    p = np.cross(dirs, e2)
+    det = np.einsum("ij,ij->i", e1, p)
+    ok = np.abs(det) > eps
+    inv = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
+    s = origin - tri[:, 0]
+    b1 = np.einsum("ij,ij->i", s, p) * inv
+    q = np.cross(s, e1)
+    b2 = np.einsum("ij,ij->i", dirs, q) * inv
+    t = np.einsum("ij,ij->i", e2, q) * inv
+    ok &= (b1 >= 0) & (b2 >= 0) & (b1 + b2 <= 1) & (t > 0)
+    return np.where(ok, t, np.inf)
+
+
+@dataclass
+class FrameComparison:
+    iou: float  # alpha >= threshold vs ray hits
+    median_error: float  # of |ccm - (hit + 0.5)| over eroded interior pixels (object extent = 1)
+    outlier_fraction: float  # interior pixels off by more than ``outlier``
+    interior_pixels: int
+
+
+def compare_frame(rgba, ccm, c2w, K, mesh, alpha_threshold: int = 128, erosion: int = 2,
+                  outlier: float = 1.0 / 20.0) -> FrameComparison:
+    """Compare one rendered frame (RGBA uint8 [H,W,4], CCM [H,W,3]) with the ray-cast mesh."""
+    h, w = rgba.shape[:2]
+    hit, points = cast_rays(mesh, c2w, K, h, w)
+    mask = rgba[..., 3] >= alpha_threshold
+    iou = float((mask & hit).sum() / max((mask | hit).sum(), 1))
+    interior = ndimage.binary_erosion(mask & hit, iterations=erosion)
+    err = np.linalg.norm(ccm[interior] - C.world_to_ccm(points[interior]), axis=-1)
+    return FrameComparison(
+        iou=iou,
+        median_error=float(np.median(err)) if err.size else float("nan"),
+        outlier_fraction=float((err > outlier).mean()) if err.size else float("nan"),
+        interior_pixels=int(interior.sum()),
+    )

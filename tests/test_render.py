@@ -1,0 +1,187 @@
+"""render_object against an independent reference (trimesh + ray casting), on real assets.
+
+Real Blender renders at 128 px with few samples and 2 frames per orbit, so the file stays
+within its time budget. The reference is tests/mesh_oracle.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from data_pipeline import conventions as C
+from data_pipeline.render import RenderError, RenderSettings, ccm_from_depth, render_object
+from mesh_oracle import EXPECTED_AXES, compare_frame, load_world_mesh
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+if not ASSETS.is_dir():
+    ASSETS = Path("/work/shared/assets")
+ASSET_FILES = ["Duck.glb", "BoxTextured.glb", "monkey.glb", "fuze/fuze.obj", "spot.obj", "teapot.obj"]
+FAST = RenderSettings(resolution=128, samples=8, frames=(0, 9), denoise=False, timeout_s=300)
+
+RED, BLUE = [220, 30, 30, 255], [30, 60, 220, 255]
+
+
+def procedural_mesh() -> trimesh.Trimesh:
+    """A red box with a blue sphere on top: two parts, a concavity, flat and curved faces."""
+    box = trimesh.creation.box(extents=[1.0, 0.6, 0.4])
+    box.visual.face_colors = RED
+    ball = trimesh.creation.icosphere(subdivisions=2, radius=0.25)
+    ball.apply_translation([0.2, 0.0, 0.4])
+    ball.visual.face_colors = BLUE
+    return trimesh.util.concatenate([box, ball])
+
+
+@pytest.fixture(scope="module")
+def procedural_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("procedural")
+    mesh = procedural_mesh()
+    paths = {"glb": folder / "procedural.glb", "ply": folder / "procedural.ply"}
+    for path in paths.values():
+        mesh.export(path)
+    return paths
+
+
+def _check_against_oracle(mesh_path: Path, uid: str) -> list:
+    orbits = render_object(mesh_path, uid, FAST)
+    assert [o.orbit for o in orbits] == [0, 1]
+    norm = orbits[0].meta["normalization"]
+    axes = EXPECTED_AXES[mesh_path.suffix.lower()]
+    np.testing.assert_allclose(np.asarray(norm["source_to_world"])[:3, :3], norm["scale"] * axes)
+    mesh = load_world_mesh(mesh_path, norm["scale"], norm["offset"])
+    corners = mesh.vertices[mesh.faces.ravel()]
+    lo, hi = corners.min(0), corners.max(0)
+    np.testing.assert_allclose(hi + lo, 0.0, atol=1e-5)  # centred
+    assert abs(np.max(hi - lo) - 1.0) < 1e-5  # longest side 1
+    for orbit in orbits:
+        assert orbit.rgba.shape == (2, 128, 128, 4) and orbit.rgba.dtype == np.uint8
+        assert orbit.ccm.shape == (2, 128, 128, 3) and orbit.ccm.dtype == np.float32
+        assert np.all(orbit.ccm[orbit.rgba[..., 3] == 0] == 0)
+        for i in range(2):
+            r = compare_frame(orbit.rgba[i], orbit.ccm[i], orbit.c2w[i], orbit.K[i], mesh)
+            assert r.interior_pixels > 200, r
+            assert r.iou >= 0.95, r
+            assert r.median_error < 1 / 200, r
+            assert r.outlier_fraction < 0.03, r
+    return orbits
+
+
+@pytest.mark.blender
+@pytest.mark.parametrize("name", ASSET_FILES)
+def test_render_matches_ray_cast_asset(name):
+    _check_against_oracle(ASSETS / name, uid=Path(name).stem)
+
+
+@pytest.mark.blender
+@pytest.mark.parametrize("kind", ["glb", "ply"])
+def test_render_matches_ray_cast_procedural(procedural_files, kind):
+    orbits = _check_against_oracle(procedural_files[kind], uid=f"procedural_{kind}")
+    if kind == "glb":  # vertex colours come through: the box is red, the ball blue
+        rgba = np.concatenate([o.rgba for o in orbits]).reshape(-1, 4)
+        solid = rgba[rgba[:, 3] == 255, :3].astype(float)
+        reddish = (solid[:, 0] > 1.5 * solid[:, 2]).mean()
+        bluish = (solid[:, 2] > 1.5 * solid[:, 0]).mean()
+        assert reddish > 0.3 and bluish > 0.05, (reddish, bluish)
+
+
+def _object_colours(orbit) -> np.ndarray:
+    rgba = orbit.rgba.reshape(-1, 4)
+    return rgba[rgba[:, 3] == 255, :3].astype(float) / 255
+
+
+@pytest.mark.blender
+def test_textures_come_through():
+    duck = _object_colours(render_object(ASSETS / "Duck.glb", "duck", FAST)[0])
+    r, g, b = np.median(duck, axis=0)
+    assert r > 0.7 and g > 0.5 and b < 0.3, (r, g, b)  # yellow
+    fuze = render_object(ASSETS / "fuze/fuze.obj", "fuze", FAST)[0]
+    assert fuze.meta["warnings"] == []
+    colours = _object_colours(fuze)
+    assert colours.std(axis=0).mean() > 0.1  # a printed label, not a flat colour
+    assert np.median(colours[:, 0]) > np.median(colours[:, 1]) + 0.1  # the label is mostly red
+
+
+@pytest.mark.blender
+def test_missing_texture_renders_without_it_and_warns(tmp_path):
+    for name in ("fuze.obj", "fuze.obj.mtl"):
+        shutil.copy(ASSETS / "fuze" / name, tmp_path / name)
+    orbit = render_object(tmp_path / "fuze.obj", "fuze_untextured", FAST)[0]
+    assert len(orbit.meta["warnings"]) == 1 and "fuze uv.jpg" in orbit.meta["warnings"][0]
+    colours = _object_colours(orbit)
+    magenta = (colours[:, 0] > 0.8) & (colours[:, 1] < 0.2) & (colours[:, 2] > 0.8)
+    assert magenta.mean() < 0.01 and colours.std(axis=0).mean() < 0.1
+
+
+@pytest.mark.blender
+def test_same_uid_same_cameras_and_meta():
+    settings = RenderSettings(resolution=32, samples=1, frames=(3,), denoise=False, num_orbits=2)
+    a = render_object(ASSETS / "BoxTextured.glb", "same_uid", settings)
+    b = render_object(ASSETS / "BoxTextured.glb", "same_uid", settings)
+    c = render_object(ASSETS / "BoxTextured.glb", "other_uid", settings)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.c2w, y.c2w)
+        assert x.meta == y.meta
+    assert not np.allclose(a[0].c2w, c[0].c2w)
+    # The recorded draws are the conventions' own and reproduce the cameras.
+    meta = a[1].meta
+    elevation, start = C.draw_orbit("same_uid", 1)
+    assert meta["elevation"] == elevation and meta["frames"] == [3]
+    np.testing.assert_allclose(meta["azimuths"], C.orbit_azimuths(start)[[3]])
+    np.testing.assert_allclose(a[1].c2w, C.orbit_c2w(elevation, meta["azimuths"]), atol=1e-6)
+    np.testing.assert_allclose(a[1].K[0], C.intrinsics(C.DEFAULT_FOV_DEG, 32), atol=1e-4)
+    for key in ("uid", "radius", "fov", "resolution", "source", "renderer", "project_version"):
+        assert key in meta
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.blender
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda d: d / "absent.glb", "missing_file"),
+        (lambda d: _write(d / "empty.glb", b""), "empty_file"),
+        (lambda d: _write(d / "text.glb", b"this is not a mesh\n" * 20), "not_gltf"),
+        (lambda d: _write(d / "cut.glb", (ASSETS / "Duck.glb").read_bytes()[:5000]), "truncated"),
+        (lambda d: _write(d / "model.stl", b"solid x\nendsolid x\n"), "unsupported_format"),
+        (lambda d: _write(d / "lines.obj", b"v 0 0 0\nv 1 0 0\nv 0 1 0\nl 1 2 3\n"), "no_faces"),
+        (lambda d: _write(d / "garbage.obj", b"\x00\xff" * 100), "no_mesh"),
+    ],
+)
+def test_bad_input_raises_render_error(tmp_path, make, reason):
+    with pytest.raises(RenderError) as info:
+        render_object(make(tmp_path), "bad", FAST)
+    assert info.value.reason == reason, str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.blender
+def test_timeout_raises_render_error():
+    settings = RenderSettings(resolution=64, samples=1, frames=(0,), timeout_s=0.5)
+    with pytest.raises(RenderError) as info:
+        render_object(ASSETS / "Duck.glb", "slow", settings)
+    assert info.value.reason == "timeout"
+
+
+def test_ccm_from_depth_plane_and_fill():
+    """A plane z = 0 seen from above: CCM = (x + 0.5, y + 0.5, 0.5); silhouettes filled."""
+    K = C.intrinsics(40.0, 16)
+    c2w = C.look_at_c2w([0.0, 0.0, 2.0], up=[0.0, 1.0, 0.0])
+    origins, dirs = C.camera_rays(c2w, K, 16, 16)
+    t = -origins[..., 2] / dirs[..., 2]
+    ray_points = origins + t[..., None] * dirs
+    z_depth = t * (dirs @ c2w[:3, 2])  # distance along the optical axis
+    alpha = np.full((16, 16), 255, np.uint8)
+    alpha[:, :2] = 0
+    z_depth[:, 2] = np.inf  # centre ray missed, alpha covers: nearest hit column 3
+    ccm = ccm_from_depth(z_depth, alpha, K, c2w)
+    np.testing.assert_allclose(ccm[:, 3:], ray_points[:, 3:] + 0.5, atol=1e-6)
+    np.testing.assert_allclose(ccm[:, 2], ccm[:, 3])
+    assert np.all(ccm[:, :2] == 0)
