@@ -1,0 +1,120 @@
+"""Stable Video Diffusion components: build from configs, load and save in SVD's folder layout.
+
+The layout is the one of ``stabilityai/stable-video-diffusion-img2vid`` on the hub::
+
+    model_index.json  unet/  vae/  image_encoder/  feature_extractor/  scheduler/
+
+Each part is loaded with its library's own ``from_pretrained(path_or_hub_id, subfolder=...)``
+(optionally ``variant="fp16"``), so a hub id, a hub snapshot and a local folder all work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from model.config import OuroborosConfig
+
+SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor")
+
+# stabilityai/stable-video-diffusion-img2vid scheduler/scheduler_config.json (written for
+# compatibility with StableVideoDiffusionPipeline; our sampler uses model/edm.py).
+SVD_SCHEDULER_CONFIG = dict(
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    interpolation_type="linear",
+    num_train_timesteps=1000,
+    prediction_type="v_prediction",
+    sigma_max=700.0,
+    sigma_min=0.002,
+    steps_offset=1,
+    timestep_spacing="leading",
+    timestep_type="continuous",
+    use_karras_sigmas=True,
+)
+
+
+@dataclass
+class SVDComponents:
+    unet: UNetSpatioTemporalConditionModel
+    vae: AutoencoderKLTemporalDecoder
+    image_encoder: CLIPVisionModelWithProjection
+    feature_extractor: CLIPImageProcessor
+
+
+def build_svd_components(cfg: OuroborosConfig) -> SVDComponents:
+    """Randomly initialised SVD parts from the config's component kwargs."""
+    return SVDComponents(
+        unet=UNetSpatioTemporalConditionModel(**cfg.unet),
+        vae=AutoencoderKLTemporalDecoder(**cfg.vae),
+        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg.image_encoder)),
+        feature_extractor=CLIPImageProcessor(**cfg.feature_extractor),
+    )
+
+
+def load_svd_components(
+    path: str | os.PathLike, variant: str | None = None, dtype: torch.dtype | None = None
+) -> SVDComponents:
+    """Load UNet, VAE, CLIP image encoder and feature extractor from an SVD-layout folder or hub id.
+
+    Args:
+        path: local folder or hub id (e.g. ``stabilityai/stable-video-diffusion-img2vid``).
+        variant: weight variant such as ``"fp16"`` (files ``*.fp16.safetensors``).
+        dtype: cast the weights to this dtype (default: as stored).
+    Raises:
+        FileNotFoundError: a local folder lacks one of the four subfolders.
+        OSError: the libraries' own loading errors, prefixed with the part being loaded.
+    """
+    path_str = os.fspath(path)
+    if Path(path_str).exists():
+        missing = [s for s in SUBFOLDERS if not (Path(path_str) / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{path_str}: not an SVD folder, missing subfolders {missing}")
+    parts = {}
+    loaders = {
+        "unet": lambda: UNetSpatioTemporalConditionModel.from_pretrained(
+            path_str, subfolder="unet", variant=variant, torch_dtype=dtype
+        ),
+        "vae": lambda: AutoencoderKLTemporalDecoder.from_pretrained(
+            path_str, subfolder="vae", variant=variant, torch_dtype=dtype
+        ),
+        "image_encoder": lambda: CLIPVisionModelWithProjection.from_pretrained(
+            path_str, subfolder="image_encoder", variant=variant, dtype=dtype
+        ),
+        "feature_extractor": lambda: CLIPImageProcessor.from_pretrained(path_str, subfolder="feature_extractor"),
+    }
+    for name, load in loaders.items():
+        try:
+            parts[name] = load()
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise OSError(f"{path_str}: cannot load SVD part '{name}' (variant={variant}): {err}") from err
+    return SVDComponents(**parts)
+
+
+def save_svd_components(components: SVDComponents, out_dir: str | os.PathLike, variant: str | None = None) -> None:
+    """Write the parts in SVD's layout (plus scheduler/ and model_index.json)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    components.unet.save_pretrained(out / "unet", variant=variant)
+    components.vae.save_pretrained(out / "vae", variant=variant)
+    components.image_encoder.save_pretrained(out / "image_encoder", variant=variant)
+    components.feature_extractor.save_pretrained(out / "feature_extractor")
+    EulerDiscreteScheduler(**SVD_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "StableVideoDiffusionPipeline",
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
+        "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
+    }
+    tmp = out / "model_index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.replace(out / "model_index.json")
