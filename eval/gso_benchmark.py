@@ -184,9 +184,6 @@ def resolve_device(name: str) -> torch.device:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from data_pipeline.render import RenderError
-    from model.ouroboros import Ouroboros3D
-
     found = gso.discover(args.gso_root, args.selection, args.limit)
     print(found.summary(), file=sys.stderr)
     if not found.objects:
@@ -195,6 +192,9 @@ def main(argv=None) -> int:
     if not args.checkpoint.is_dir():
         print(f"error: checkpoint {args.checkpoint} is not a folder", file=sys.stderr)
         return 2
+    from data_pipeline.render import RenderError
+    from model.ouroboros import Ouroboros3D
+
     device = resolve_device(args.device)
     model = Ouroboros3D.from_pretrained(args.checkpoint).to(device).eval()
     lpips_metric = LPIPSMetric(args.lpips_net, device=device)
