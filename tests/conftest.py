@@ -1,0 +1,60 @@
+"""Shared fixtures.
+
+``demo_shards``: shards + manifest of 4 procedural demo objects (2 orbits each, 64 px, 4
+samples) rendered by the real job (CLI subprocess: local Ray + Blender). The result is cached
+between test sessions under ``$OUROBOROS_TEST_CACHE`` (default: the system temp folder), keyed
+by a hash of the data pipeline's source, so that editing the pipeline re-renders it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_SHARDS_ARGS = ["--source", "demo", "--count", "4", "--seed", "0", "--resolution", "64",
+                    "--samples", "4", "--per-shard", "4", "--workers", "2"]
+
+
+def _pipeline_hash(args: list[str]) -> str:
+    digest = hashlib.sha256(" ".join(args).encode())
+    for path in sorted((REPO / "data_pipeline").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_pipeline(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m data_pipeline <args>`` in a subprocess; fails the test with its output."""
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"data_pipeline {' '.join(args)} exited {proc.returncode}:\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_shards() -> Path:
+    """Folder with ``shard-*.tar`` (2 shards x 2 objects x 2 orbits) and ``manifest.parquet``
+    of 4 demo objects at 64 px. Treat it as read-only: it is shared between sessions."""
+    cache = Path(os.environ.get("OUROBOROS_TEST_CACHE", tempfile.gettempdir())) / "ouroboros3d-test-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    final = cache / f"demo_shards-{_pipeline_hash(DEMO_SHARDS_ARGS)}"
+    with open(cache / "demo_shards.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be rendering the same
+        if not (final / "manifest.parquet").exists():
+            build = Path(tempfile.mkdtemp(prefix="demo_shards-", dir=cache))
+            try:
+                run_pipeline(["render", *DEMO_SHARDS_ARGS, "--output", str(build)])
+                os.replace(build, final)
+            finally:
+                shutil.rmtree(build, ignore_errors=True)
+    return final
