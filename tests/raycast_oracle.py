@@ -1,0 +1,60 @@
+"""Ground truth by ray casting with trimesh's ray-triangle intersector.
+
+trimesh's pure-Python caster wants an ``rtree`` index for its broad phase, and neither
+``rtree`` nor ``embreex`` is installed here; :class:`BruteForceTree` answers the same
+``intersection`` queries by testing every triangle's bounding box, so the narrow phase (the
+actual intersection maths) is still trimesh's.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import trimesh
+from trimesh.ray.ray_triangle import ray_triangle_id
+
+from data_pipeline import conventions as C
+
+ASSETS = Path("/work/shared/assets")
+
+
+class BruteForceTree:
+    """Duck-typed stand-in for an rtree index of triangle bounding boxes (interleaved)."""
+
+    def __init__(self, triangles: np.ndarray):
+        self.boxes = np.hstack([triangles.min(1), triangles.max(1)])  # [T, 6]
+        self.bounds = np.hstack([self.boxes[:, :3].min(0), self.boxes[:, 3:].max(0)])
+
+    def intersection(self, query):
+        q = np.asarray(query)
+        overlap = (self.boxes[:, :3] <= q[3:]).all(1) & (self.boxes[:, 3:] >= q[:3]).all(1)
+        return np.nonzero(overlap)[0]
+
+
+def normalised_mesh(name: str) -> trimesh.Trimesh:
+    """An asset from /work/shared/assets, normalised into [-0.5, 0.5]^3 (DESIGN section 2)."""
+    mesh = trimesh.load(ASSETS / name, force="mesh")
+    scale, offset = C.normalization_from_bounds(*mesh.bounds)
+    mesh.apply_scale(scale)
+    mesh.apply_translation(offset)
+    return mesh
+
+
+def first_hits(mesh: trimesh.Trimesh, origins: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """First surface point of each ray in front of its origin.
+
+    Args:
+        origins, directions: [R, 3].
+    Returns:
+        [R, 3] hit points, NaN where the ray misses.
+    """
+    triangles = np.asarray(mesh.triangles, dtype=np.float64)
+    tri, ray, loc = ray_triangle_id(
+        triangles, origins, directions, tree=BruteForceTree(triangles), multiple_hits=True
+    )
+    hits = np.full(origins.shape, np.nan)
+    dist = np.full(len(origins), np.inf)
+    t = np.einsum("ij,ij->i", loc - origins[ray], directions[ray])
+    for r, p, ti in zip(ray, loc, t):
+        if 0 < ti < dist[r]:
+            dist[r], hits[r] = ti, p
+    return hits
