@@ -271,6 +271,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the open shard without committing it."""
         if self._writer is not None:
+            self._writer.close()
             self._file.close()
             Path(str(self._current.path) + TMP_SUFFIX).unlink(missing_ok=True)
             self._writer = self._file = self._current = None

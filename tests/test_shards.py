@@ -1,0 +1,186 @@
+"""Shard format (DESIGN section 3) read back with plain tarfile + independent decoders, and with
+webdataset; ShardWriter atomicity and grouping; CorruptSampleError on damaged samples."""
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from data_pipeline import conventions as C
+from data_pipeline.render import OrbitRender
+from data_pipeline.shards import (
+    CorruptSampleError,
+    ShardWriter,
+    decode_sample,
+    encode_object,
+    encode_sample,
+    iter_shard,
+    list_shards,
+)
+
+
+def fake_render(uid: str, orbit: int, size: int = 12, seed: int = 0) -> OrbitRender:
+    """An OrbitRender from arrays: random colours, a disc of alpha, CCM in [0, 1]."""
+    rng = np.random.default_rng([seed, orbit])
+    rgba = rng.integers(0, 256, (16, size, size, 4), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    rgba[..., 3] = np.where(disc, rgba[..., 3] | 1, 0)
+    ccm = rng.random((16, size, size, 3), dtype=np.float32)
+    ccm[:, ~disc] = 0
+    elevation, start = C.draw_orbit(uid, orbit)
+    c2w = C.orbit_c2w(elevation, C.orbit_azimuths(start)).astype(np.float32)
+    K = np.repeat(C.intrinsics(C.DEFAULT_FOV_DEG, size)[None], 16, 0).astype(np.float32)
+    meta = {"uid": uid, "orbit": orbit, "elevation": elevation, "resolution": size}
+    return OrbitRender(orbit=orbit, rgba=rgba, ccm=ccm, c2w=c2w, K=K, meta=meta)
+
+
+def png16_reference(data: bytes) -> np.ndarray:
+    """Independent 16-bit RGB PNG decoder (zlib + the five PNG row filters). [H, W, 3] uint16."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    width, height, depth, color_type = header[:4]
+    assert (depth, color_type) == (16, 2), "expected 16-bit RGB"
+    bpp, stride = 6, width * 6
+    raw, rows, prev = zlib.decompress(idat), [], bytearray(stride)
+    for y in range(height):
+        ftype, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if ftype == 1:
+                line[i] = (line[i] + a) & 255
+            elif ftype == 2:
+                line[i] = (line[i] + b) & 255
+            elif ftype == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif ftype == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        prev = line
+    return np.frombuffer(b"".join(rows), ">u2").reshape(height, width, 3).astype(np.uint16)
+
+
+def write_objects(out_dir, uids, per_shard):
+    with ShardWriter(out_dir, per_shard) as writer:
+        closed = [writer.add_object(uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)], uid))
+                  for uid in uids]
+        closed.append(writer.close())
+    return [c for c in closed if c]
+
+
+def test_members_follow_the_contract_with_plain_tarfile(tmp_path):
+    render = fake_render("obj-A_1", 1)
+    write_objects(tmp_path, [], 1)  # nothing written for no objects
+    assert list_shards(tmp_path) == []
+    with ShardWriter(tmp_path, 8) as writer:
+        writer.add_object("obj-A_1", [encode_sample(render, "obj-A_1_o1")])
+    (shard,) = list_shards(tmp_path)
+    assert shard.name == "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        names = tar.getnames()
+        expected = {C.frame_member("obj-A_1_o1", i, k) for i in range(16) for k in ("rgba", "ccm")}
+        expected |= {"obj-A_1_o1.cameras.npy", "obj-A_1_o1.intrinsics.npy", "obj-A_1_o1.json"}
+        assert set(names) == expected and len(names) == len(expected)
+        read = lambda name: tar.extractfile(name).read()  # noqa: E731
+        for i in (0, 7, 15):
+            rgba = np.asarray(Image.open(io.BytesIO(read(f"obj-A_1_o1.{i:02d}.rgba.png"))))
+            assert rgba.dtype == np.uint8 and rgba.shape == (12, 12, 4)
+            np.testing.assert_array_equal(rgba, render.rgba[i])  # straight alpha, lossless
+            ccm16 = png16_reference(read(f"obj-A_1_o1.{i:02d}.ccm.png"))
+            expected16 = np.round(render.ccm[i].astype(np.float64) * 65535).astype(np.uint16)
+            expected16[render.rgba[i, ..., 3] == 0] = 0
+            np.testing.assert_array_equal(ccm16, expected16)
+        cameras = np.load(io.BytesIO(read("obj-A_1_o1.cameras.npy")))
+        K = np.load(io.BytesIO(read("obj-A_1_o1.intrinsics.npy")))
+        assert cameras.dtype == np.float32 and cameras.shape == (16, 4, 4)
+        assert K.dtype == np.float32 and K.shape == (16, 3, 3)
+        np.testing.assert_array_equal(cameras, render.c2w)
+        assert json.loads(read("obj-A_1_o1.json")) == render.meta
+
+
+def test_webdataset_reads_and_decode_sample_round_trips(tmp_path):
+    write_objects(tmp_path, ["a", "b", "c"], per_shard=100)
+    (shard,) = list_shards(tmp_path)
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["a_o0", "a_o1", "b_o0", "b_o1", "c_o0", "c_o1"]
+    decoded = decode_sample(samples[3])
+    ref = fake_render("b", 1)
+    np.testing.assert_array_equal(decoded["rgba"], ref.rgba)
+    assert np.abs(decoded["ccm"] - ref.ccm).max() <= 0.5 / 65535 + 1e-7
+    np.testing.assert_array_equal(decoded["c2w"], ref.c2w)
+    np.testing.assert_array_equal(decoded["K"], ref.K)
+    assert decoded["meta"] == ref.meta and decoded["key"] == "b_o1"
+    assert [s["__key__"] for s in iter_shard(shard)] == [s["__key__"] for s in samples]
+
+
+def test_orbits_of_an_object_share_a_shard_and_no_tmp_remains(tmp_path):
+    closed = write_objects(tmp_path, [f"u{i}" for i in range(5)], per_shard=3)
+    # 2 samples per object: a shard closes once it holds >= 3, i.e. after 2 objects
+    assert [c.uids for c in closed] == [["u0", "u1"], ["u2", "u3"], ["u4"]]
+    assert [c.num_samples for c in closed] == [4, 4, 2]
+    for shard in list_shards(tmp_path):
+        with tarfile.open(shard) as tar:
+            keys = {n.split(".")[0] for n in tar.getnames()}
+        uids = {k.rsplit("_o", 1)[0] for k in keys}
+        assert keys == {f"{u}_o{k}" for u in uids for k in (0, 1)}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_writer_continues_numbering_and_drops_stale_tmp(tmp_path):
+    write_objects(tmp_path, ["a"], per_shard=2)
+    (tmp_path / "shard-000001.tar.tmp").write_bytes(b"half a shard")
+    write_objects(tmp_path, ["b"], per_shard=2)
+    assert [p.name for p in list_shards(tmp_path)] == ["shard-000000.tar", "shard-000001.tar"]
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, 10) as writer:
+            writer.add_object("c", encode_object([fake_render("c", 0)], "c"))
+            raise RuntimeError("killed mid-shard")
+    assert len(list_shards(tmp_path)) == 2 and not list(tmp_path.glob("*.tmp"))
+
+
+def _sample(uid="x"):
+    return encode_sample(fake_render(uid, 0), f"{uid}_o0")
+
+
+@pytest.mark.parametrize(
+    "damage, member, reason",
+    [
+        (lambda s: s.pop("05.ccm.png"), "x_o0.05.ccm.png", "missing"),
+        (lambda s: s.update({"03.rgba.png": b"\x89PNG garbage"}), "x_o0.03.rgba.png", "PNG"),
+        (lambda s: s.update({"02.ccm.png": s["02.rgba.png"]}), "x_o0.02.ccm.png", "channels"),
+        (lambda s: s.update({"cameras.npy": s["intrinsics.npy"]}), "x_o0.cameras.npy", "[16, 4, 4]"),
+        (lambda s: s.update({"json": b"{not json"}), "x_o0.json", "JSON"),
+    ],
+)
+def test_corrupt_samples_name_member_and_reason(damage, member, reason):
+    sample = _sample()
+    damage(sample)
+    with pytest.raises(CorruptSampleError) as info:
+        decode_sample(sample)
+    assert info.value.key == "x_o0" and info.value.member == member
+    assert reason in info.value.reason and member in str(info.value)
+
+
+def test_encode_rejects_wrong_shapes():
+    render = fake_render("x", 0)
+    render.rgba = render.rgba[:8]
+    with pytest.raises(ValueError, match="rgba"):
+        encode_sample(render, "x_o0")
