@@ -58,3 +58,37 @@ def demo_shards() -> Path:
             finally:
                 shutil.rmtree(build, ignore_errors=True)
     return final
+
+
+OBJAVERSE_FIXTURE = REPO / "tests" / "fixtures" / "objaverse"
+
+
+@pytest.fixture
+def objaverse_cache(tmp_path, monkeypatch) -> Path:
+    """The objaverse package pointed at a copy of tests/fixtures/objaverse (real layout) with
+    procedural .glb files at ``glbs/<group>/<uid>.glb``; any download attempt fails the test.
+    Returns the ``_VERSIONED_PATH`` folder."""
+    import gzip
+    import json
+    import urllib.request
+
+    import objaverse
+
+    from data_pipeline.sources import make_demo_object
+
+    base = tmp_path / ".objaverse"
+    versioned = base / "hf-objaverse-v1"
+    shutil.copytree(OBJAVERSE_FIXTURE / "hf-objaverse-v1", versioned)
+    with gzip.open(versioned / "object-paths.json.gz", "rt") as handle:
+        for index, object_path in enumerate(sorted(json.load(handle).values())):
+            target = versioned / object_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(make_demo_object(index, seed=7)[1].export(file_type="glb"))
+
+    def no_network(url, *args, **kwargs):
+        raise AssertionError(f"objaverse tried to download {url}")
+
+    monkeypatch.setattr(objaverse, "BASE_PATH", str(base))
+    monkeypatch.setattr(objaverse, "_VERSIONED_PATH", str(versioned))
+    monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
+    return versioned
