@@ -186,6 +186,40 @@ def flatten_to_world(mesh_objects: list) -> None:
             bpy.data.objects.remove(obj, do_unlink=True)
 
 
+def wire_vertex_colours(mesh_objects: list) -> None:
+    """Show vertex colours as albedo where the file means them to be.
+
+    * Material-less meshes with vertex colours get a material whose base colour is the
+      colour attribute: glTF 2.0's default material (section 3.9.6) and the PLY/OBJ colour
+      conventions. Blender's glTF importer wires COLOR_0 only into existing materials.
+    * Attribute nodes that name a colour layer the mesh lacks (BlenderProc's PLY material asks
+      for "Col"; Blender 4.2 names it differently) are pointed at the mesh's colour
+      attribute, or removed when there is none: a missing attribute renders black.
+    """
+    for obj in mesh_objects:
+        mesh = obj.data
+        colour = mesh.color_attributes[0].name if len(mesh.color_attributes) else None
+        for mat in mesh.materials:
+            if mat is None or not mat.use_nodes:
+                continue
+            for node in list(mat.node_tree.nodes):
+                if node.type == "ATTRIBUTE" and node.attribute_type == "GEOMETRY" \
+                        and node.attribute_name not in mesh.attributes:
+                    if colour is None:
+                        mat.node_tree.nodes.remove(node)
+                    else:
+                        node.attribute_name = colour
+        if len(mesh.materials) > 0 or colour is None:
+            continue
+        mat = bpy.data.materials.new("vertex_colour")
+        mat.use_nodes = True
+        nodes = mat.node_tree.nodes
+        attribute = nodes.new("ShaderNodeVertexColor")
+        attribute.layer_name = colour
+        mat.node_tree.links.new(attribute.outputs["Color"], nodes["Principled BSDF"].inputs["Base Color"])
+        mesh.materials.append(mat)
+
+
 def join_meshes(mesh_objects: list):
     """Join all mesh objects into one (BlenderProc's join); returns the Blender object."""
     target = MeshObject(mesh_objects[0])
@@ -282,6 +316,7 @@ def render_job(job: dict) -> tuple[dict, dict]:
     if not mesh_objects:
         raise WorkerError("no_mesh", "the file holds no mesh")
     flatten_to_world(mesh_objects)
+    wire_vertex_colours(mesh_objects)
     obj = join_meshes(mesh_objects)
     if len(obj.data.polygons) == 0:
         raise WorkerError("no_faces", "the mesh has no faces")

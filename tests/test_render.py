@@ -173,7 +173,7 @@ def test_timeout_raises_render_error():
 def test_ccm_from_depth_plane_and_fill():
     """A plane z = 0 seen from above: CCM = (x + 0.5, y + 0.5, 0.5); silhouettes filled."""
     K = C.intrinsics(40.0, 16)
-    c2w = C.look_at_c2w([0.0, 0.0, 2.0], up=[0.0, 1.0, 0.0])
+    c2w = C.look_at_c2w([0.0, 0.0, 1.0], up=[0.0, 1.0, 0.0])  # sees |x|, |y| < 0.37
     origins, dirs = C.camera_rays(c2w, K, 16, 16)
     t = -origins[..., 2] / dirs[..., 2]
     ray_points = origins + t[..., None] * dirs
