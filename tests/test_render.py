@@ -180,7 +180,8 @@ def test_ccm_from_depth_plane_and_fill():
     z_depth = t * (dirs @ c2w[:3, 2])  # distance along the optical axis
     alpha = np.full((16, 16), 255, np.uint8)
     alpha[:, :2] = 0
-    z_depth[:, 2] = np.inf  # centre ray missed, alpha covers: nearest hit column 3
+    z_depth[:, :3] = np.inf  # background, and column 2: centre ray missed, alpha covers
+
     ccm = ccm_from_depth(z_depth, alpha, K, c2w)
     np.testing.assert_allclose(ccm[:, 3:], ray_points[:, 3:] + 0.5, atol=1e-6)
     np.testing.assert_allclose(ccm[:, 2], ccm[:, 3])
