@@ -1,0 +1,112 @@
+"""Training configuration: one YAML file -> typed dataclasses (unknown keys are errors).
+
+See ``training/configs/tiny.yaml`` (CPU demo, overfits a few objects) and
+``training/configs/full.yaml`` (the paper's run, section 4.1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+
+
+@dataclass
+class ModelSection:
+    """``preset`` of ``model.config`` with field ``overrides``, or a ``pretrained`` export dir."""
+
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+    pretrained: str | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    """Streaming loader settings (training.loader.LoaderConfig); the resolution is the model's."""
+
+    shuffle_buffer: int = 64
+    shuffle_initial: int = 16
+    num_workers: int = 2
+
+
+@dataclass
+class OptimSection:
+    """AdamW and the DeepSpeed engine (paper section 4.1: lr 1e-5, clip 1.0, fp16, ZeRO-2).
+
+    ``total_batch`` = micro_batch x ranks x gradient accumulation steps (computed).
+    ``precision`` auto: fp16 on CUDA, fp32 on CPU. ``deepspeed_config`` auto: the matching file
+    of infra/deepspeed.
+    """
+
+    total_batch: int = 32
+    micro_batch: int = 1
+    lr: float = 1e-5
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    zero_stage: int = 2
+    deepspeed_config: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 30000
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    images_every: int = 500
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+
+    def validate(self) -> None:
+        o = self.optim
+        if o.precision not in PRECISIONS:
+            raise ValueError(f"optim.precision must be one of {PRECISIONS}, got {o.precision!r}")
+        if o.total_batch % o.micro_batch:
+            raise ValueError(f"optim.total_batch {o.total_batch} is not a multiple of micro_batch {o.micro_batch}")
+        for name in ("max_steps", "checkpoint_every", "keep_last", "log_every", "images_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = {"model": ModelSection, "data": DataSection, "optim": OptimSection}.get(name)
+        kwargs[name] = _build(sub, value, f"{where}.{name}") if cls is TrainConfig and sub else value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a training YAML; errors name the file and the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the training config ({exc})") from exc
+    try:
+        cfg = _build(TrainConfig, data, str(path))
+        cfg.optim.betas = tuple(cfg.optim.betas)
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return cfg

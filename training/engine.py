@@ -1,0 +1,192 @@
+"""DeepSpeed engine: distributed setup, the ZeRO-2 config, and one optimizer step.
+
+The engine wraps :class:`TrainingObjective` (the model's ``training_losses`` as ``forward``),
+so DeepSpeed's forward hooks, loss scaling and gradient accumulation all apply. Only
+``Ouroboros3D.trainable_parameters()`` go to the optimizer (VAE and CLIP stay frozen).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.config import TrainConfig
+
+DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "infra" / "deepspeed"
+CAMERA_KEYS = ("c2w", "K")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Select the accelerator, initialise torch.distributed (nccl on CUDA, gloo on CPU).
+
+    Under the ``deepspeed`` launcher the rank variables are set; a plain ``python`` run gets a
+    one-process group on a free local port. Must run before DeepSpeed is imported elsewhere.
+
+    Returns:
+        the deepspeed module
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return deepspeed
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> fp16 on CUDA (the paper), fp32 on CPU (DeepSpeed's fp16 is GPU-only)."""
+    if precision == "auto":
+        return "fp16" if torch.cuda.is_available() else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("fp16 mixed precision needs a GPU; use precision bf16 or fp32 on CPU")
+    return precision
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed config: the infra/deepspeed file with this run's numbers filled in.
+
+    Gradient accumulation = total_batch / (micro_batch x world_size) (must divide).
+    """
+    o = cfg.optim
+    precision = resolve_precision(o.precision)
+    if o.deepspeed_config == "auto":
+        name = {"fp16": "zero2_gpu_fp16", "bf16": "zero2_cpu_bf16", "fp32": "zero2_cpu_fp32"}[precision]
+        path = DEEPSPEED_DIR / f"{name}.json"
+    else:
+        path = Path(o.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the DeepSpeed config ({exc})") from exc
+    per_step = o.micro_batch * world_size
+    if o.total_batch % per_step:
+        raise ValueError(
+            f"total batch {o.total_batch} is not a multiple of micro batch {o.micro_batch} x "
+            f"{world_size} rank(s)"
+        )
+    ds.update(
+        train_batch_size=o.total_batch,
+        train_micro_batch_size_per_gpu=o.micro_batch,
+        gradient_accumulation_steps=o.total_batch // per_step,
+        gradient_clipping=o.grad_clip,
+    )
+    ds["optimizer"]["params"].update(lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if not torch.cuda.is_available():
+        ds["optimizer"]["params"]["torch_adam"] = True
+    if o.warmup_steps > 0:  # the paper states no schedule: constant lr unless asked
+        ds["scheduler"] = dict(type="WarmupLR", params=dict(
+            warmup_min_lr=0.0, warmup_max_lr=o.lr, warmup_num_steps=o.warmup_steps, warmup_type="linear"))
+    ds["zero_optimization"]["stage"] = o.zero_stage
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    return ds
+
+
+class TrainingObjective(torch.nn.Module):
+    """``forward(batch, generator)`` = ``model.training_losses`` (Algorithm 1, section 3.3).
+
+    Image-like batch tensors are cast to the parameters' dtype (fp16 / bf16 engines); the
+    cameras stay float32.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        dtype = next(self.model.parameters()).dtype
+        batch = {
+            k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k not in CAMERA_KEYS else v
+            for k, v in batch.items()
+        }
+        return self.model.training_losses(batch, generator=generator)
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed):
+    """Wrap the model in a DeepSpeed engine (ZeRO-2, AdamW on the trainable parameters only)."""
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    params = [p for p in model.trainable_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    ds_config = deepspeed_config(cfg, torch.distributed.get_world_size())
+    engine, _, _, _ = deepspeed.initialize(
+        model=TrainingObjective(model), model_parameters=params, config=ds_config
+    )
+    return engine
+
+
+def step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """Seed of the model's generator for one micro step: independent of resumes and of timing."""
+    return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@dataclass
+class StepResult:
+    """Losses averaged over the micro steps of one optimizer step (this rank)."""
+
+    losses: dict
+    self_cond_fraction: float
+    data_wait_s: float
+    step_s: float
+    visuals: dict
+
+
+def train_step(engine, batches, seed: int, want_visuals: bool = False) -> StepResult:
+    """One optimizer step: ``gradient_accumulation_steps`` micro batches, backward, step.
+
+    Args:
+        batches: iterator of loader batches.  seed: run seed (generator per micro step).
+    """
+    accum = engine.gradient_accumulation_steps()
+    rank = torch.distributed.get_rank()
+    sums: dict[str, float] = {}
+    self_cond = 0
+    wait = 0.0
+    visuals: dict = {}
+    start = time.perf_counter()
+    for micro in range(accum):
+        t0 = time.perf_counter()
+        batch = to_device(next(batches), engine.device)
+        wait += time.perf_counter() - t0
+        micro_step = engine.global_steps * accum + micro
+        generator = torch.Generator(device=engine.device).manual_seed(step_seed(seed, rank, micro_step))
+        out = engine(batch, generator=generator)
+        engine.backward(out["loss"])
+        engine.step()
+        for k, v in out.items():
+            if k.startswith("loss") and torch.is_tensor(v):
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        self_cond += bool(out.get("self_cond_used", False))
+        if want_visuals and micro == accum - 1:
+            visuals = {k: v.detach().float().cpu() for k, v in out.get("visuals", {}).items()}
+    return StepResult(
+        losses={k: v / accum for k, v in sums.items()},
+        self_cond_fraction=self_cond / accum,
+        data_wait_s=wait,
+        step_s=time.perf_counter() - start,
+        visuals=visuals,
+    )
