@@ -1,0 +1,96 @@
+"""Manifest: Parquet round trip, atomic writes, merge for resume, reconciling with shards."""
+
+import datetime as dt
+
+import pyarrow.parquet as pq
+import pytest
+from test_shards import fake_render
+
+from data_pipeline.job import objects_to_render, reconcile_shards
+from data_pipeline.manifest import (
+    SCHEMA,
+    ManifestRow,
+    merge_records,
+    read_manifest,
+    status_counts,
+    write_manifest,
+)
+from data_pipeline.shards import ShardWriter, encode_object
+from data_pipeline.sources import ObjectRecord
+
+
+def rec(uid, sha="s1"):
+    return ObjectRecord(uid, "local", f"/objects/{uid}.glb", 123, sha)
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    path = tmp_path / "manifest.parquet"
+    stamp = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc)
+    rows = [
+        ManifestRow("b", "demo", "/b.glb", 10, "abc", "done", None, 1, "shard-000003.tar", 4.5, stamp, stamp),
+        ManifestRow("a", "objaverse", "https://x/a.glb", None, None, "failed", "not_gltf: bad magic", 2),
+        ManifestRow("c", "objaverse", "https://x/c.glb", status="filtered", reason="no texture"),
+    ]
+    write_manifest(path, rows)
+    assert pq.read_schema(path).remove_metadata() == SCHEMA
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.parquet"]  # no temporary left
+    back = read_manifest(path)
+    assert list(back) == ["a", "b", "c"]  # sorted by uid
+    assert back["b"] == rows[0]
+    assert back["a"].reason == "not_gltf: bad magic" and back["a"].size is None and back["a"].attempts == 2
+    assert status_counts(back.values()) == {"filtered": 1, "pending": 0, "done": 1, "failed": 1}
+
+
+def test_bad_manifests_are_named(tmp_path):
+    assert read_manifest(tmp_path / "absent.parquet") == {}
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_text("not parquet")
+    with pytest.raises(ValueError, match="garbage.parquet: not a readable Parquet"):
+        read_manifest(garbage)
+    partial = tmp_path / "partial.parquet"
+    pq.write_table(SCHEMA.empty_table().drop_columns(["shard"]), partial)
+    with pytest.raises(ValueError, match=r"partial.parquet: manifest lacks columns \['shard'\]"):
+        read_manifest(partial)
+    with pytest.raises(ValueError, match="unknown status"):
+        ManifestRow("x", "local", "/x", status="finished")
+
+
+def test_merge_for_resume():
+    rows = {
+        "done": ManifestRow("done", "local", "/done.glb", 1, "s1", "done", shard="shard-000000.tar", attempts=1),
+        "failed": ManifestRow("failed", "local", "/failed.glb", 1, "s1", "failed", "timeout", attempts=1),
+        "changed": ManifestRow("changed", "local", "/changed.glb", 1, "old", "done", shard="shard-000000.tar", attempts=1),
+        "was_filtered": ManifestRow("was_filtered", "objaverse", "u", status="filtered", reason="no texture"),
+    }
+    merge_records(rows, [rec("done"), rec("failed"), rec("changed", "new"), rec("new"), rec("was_filtered")],
+                  filtered=[(rec("rejected"), "too many faces"), (rec("done"), "no texture")])
+    assert rows["done"].status == "done" and rows["done"].shard == "shard-000000.tar"
+    assert rows["failed"].status == "failed" and rows["failed"].attempts == 1
+    assert rows["changed"].status == "pending" and rows["changed"].attempts == 0
+    assert rows["changed"].sha256 == "new" and rows["changed"].shard is None
+    assert rows["new"].status == "pending" and rows["was_filtered"].status == "pending"
+    assert rows["rejected"].status == "filtered" and rows["rejected"].reason == "too many faces"
+
+
+def test_objects_to_render_respects_max_retries():
+    rows = {u: ManifestRow(u, "local", "/x", status=s, attempts=n)
+            for u, s, n in [("p", "pending", 0), ("d", "done", 1), ("f1", "failed", 1),
+                            ("f3", "failed", 3), ("x", "filtered", 0)]}
+    records = [rec(u) for u in ("f3", "x", "p", "d", "f1")]
+    assert [r.uid for r in objects_to_render(rows, records, max_retries=2)] == ["p", "f1"]
+    assert [r.uid for r in objects_to_render(rows, records, max_retries=0)] == ["p"]
+
+
+def test_reconcile_adopts_orphan_shards_and_resets_missing_ones(tmp_path):
+    with ShardWriter(tmp_path, 2) as writer:
+        for uid in ("a", "b"):  # one object per shard
+            writer.add_object(uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)], uid))
+    rows = {
+        "a": ManifestRow("a", "local", "/a", status="done", shard="shard-000000.tar"),
+        "b": ManifestRow("b", "local", "/b", status="pending"),  # killed before the manifest write
+        "c": ManifestRow("c", "local", "/c", status="done", shard="shard-000009.tar"),  # deleted shard
+    }
+    reconcile_shards(rows, tmp_path)
+    assert rows["a"].status == "done" and rows["a"].shard == "shard-000000.tar"
+    assert rows["b"].status == "done" and rows["b"].shard == "shard-000001.tar"
+    assert rows["c"].status == "pending" and "shard-000009.tar missing" in rows["c"].reason
