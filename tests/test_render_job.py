@@ -1,0 +1,129 @@
+"""The render job end to end with the real renderer (local Ray + Blender, 64 px, few samples):
+the demo_shards fixture, resume after a kill, bad inputs."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from conftest import REPO, run_pipeline
+from PIL import Image
+
+from data_pipeline import conventions as C
+from data_pipeline.manifest import read_manifest
+from data_pipeline.shards import decode_sample, iter_shard, list_shards
+
+ASSETS = Path("/work/shared/assets")
+FAST = ["--resolution", "64", "--samples", "4", "--workers", "2"]
+
+pytestmark = pytest.mark.blender
+
+
+def all_keys(folder: Path) -> list[str]:
+    """Every sample key of every finished shard, read with plain tarfile (checks readability)."""
+    keys = []
+    for shard in list_shards(folder):
+        with tarfile.open(shard) as tar:
+            names = tar.getnames()
+        per_key = Counter(name.split(".", 1)[0] for name in names)
+        assert all(n == 35 for n in per_key.values()), f"{shard}: incomplete samples {per_key}"
+        keys += list(per_key)
+    return keys
+
+
+def test_demo_shards_fixture(demo_shards):
+    rows = read_manifest(demo_shards / "manifest.parquet")
+    assert len(rows) == 4 and all(r.status == "done" and r.attempts == 1 for r in rows.values())
+    keys = all_keys(demo_shards)
+    assert sorted(keys) == sorted(C.sample_key(uid, k) for uid in rows for k in (0, 1))
+    assert len(list_shards(demo_shards)) == 2
+    for shard in list_shards(demo_shards):
+        for raw in iter_shard(shard):
+            sample = decode_sample(raw)
+            uid, orbit = sample["meta"]["uid"], sample["meta"]["orbit"]
+            assert raw["__key__"] == C.sample_key(uid, orbit) and rows[uid].shard == shard.name
+            assert sample["rgba"].shape == (16, 64, 64, 4)
+            elevation, start = C.draw_orbit(uid, orbit)  # cameras are the uid's orbit
+            np.testing.assert_allclose(sample["c2w"], C.orbit_c2w(elevation, C.orbit_azimuths(start)), atol=1e-5)
+            alpha = sample["rgba"][..., 3] > 0
+            assert alpha.mean() > 0.02 and np.all(sample["ccm"][~alpha] == 0)
+    sheet = Image.open(demo_shards / "contact_sheet.png")
+    assert sheet.size[0] == 8 * 96 and sheet.size[1] == 4 * (96 + 14)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_never_loses_or_duplicates(tmp_path):
+    out = tmp_path / "job"
+    args = ["render", "--source", "demo", "--count", "4", "--seed", "5", "--per-shard", "2",
+            *FAST, "--output", str(out), "--no-contact-sheet"]
+    job = subprocess.Popen([sys.executable, "-m", "data_pipeline", *args], cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (out / "shard-000000.tar").exists():
+            assert job.poll() is None, "the job ended before its first shard"
+            assert time.monotonic() < deadline, "no shard after 400 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the job, its Ray and its Blender workers
+        job.wait()
+    killed_with = all_keys(out)
+    assert 0 < len(killed_with) < 8
+
+    run_pipeline(args)
+    rows = read_manifest(out / "manifest.parquet")
+    assert len(rows) == 4 and {r.status for r in rows.values()} == {"done"}
+    keys = all_keys(out)
+    assert sorted(keys) == sorted(C.sample_key(uid, k) for uid in rows for k in (0, 1))  # once each
+    assert set(killed_with) <= set(keys)
+    for shard in list_shards(out):
+        for raw in iter_shard(shard):
+            assert rows[decode_sample(raw)["meta"]["uid"]].shard == shard.name
+    assert not list(out.glob("*.tmp"))
+
+
+def _bad_inputs(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "empty.glb").write_bytes(b"")
+    duck = (ASSETS / "Duck.glb").read_bytes()
+    (folder / "truncated.glb").write_bytes(duck[: len(duck) // 3])
+    (folder / "text.glb").write_text("this is not a mesh\n")
+    points = trimesh.PointCloud(np.random.default_rng(0).random((50, 3)))
+    (folder / "no_faces.ply").write_bytes(points.export(file_type="ply"))
+    (folder / "no_texture").mkdir()
+    for name in ("fuze.obj", "fuze.obj.mtl"):  # the MTL names a JPEG that is not there
+        shutil.copy(ASSETS / "fuze" / name, folder / "no_texture" / name)
+
+
+def test_bad_inputs_fail_with_reasons_and_the_job_completes(tmp_path):
+    inputs, out = tmp_path / "inputs", tmp_path / "job"
+    _bad_inputs(inputs)
+    run_pipeline(["render", "--input", str(inputs), "--output", str(out), *FAST, "--max-retries", "0"])
+    rows = read_manifest(out / "manifest.parquet")
+    for uid, words in [("empty", "empty"), ("truncated", "truncated"), ("text", "gltf"),
+                       ("no_faces", "face")]:
+        assert rows[uid].status == "failed" and rows[uid].attempts == 1, rows[uid]
+        assert words in rows[uid].reason.lower() and rows[uid].reason.split(":")[0], rows[uid].reason
+    missing = rows["no_texture_fuze"]
+    if missing.status == "done":  # rendered without its texture, and the sample says so
+        metas = [decode_sample(raw)["meta"] for raw in iter_shard(out / missing.shard)
+                 if raw["__key__"].startswith("no_texture_fuze_")]
+        assert metas and all("texture" in " ".join(m["warnings"]).lower() for m in metas)
+    else:
+        assert "texture" in missing.reason.lower()
+    shards_before = list_shards(out)
+
+    # a re-run with no retries left renders nothing and changes nothing
+    proc = run_pipeline(["render", "--input", str(inputs), "--output", str(out), *FAST, "--max-retries", "0"])
+    assert "0 rendered, 0 failed" in proc.stdout
+    again = read_manifest(out / "manifest.parquet")
+    assert {u: (r.status, r.attempts) for u, r in again.items()} == {u: (r.status, r.attempts) for u, r in rows.items()}
+    assert list_shards(out) == shards_before
