@@ -1,5 +1,5 @@
 """The render job end to end with the real renderer (local Ray + Blender, 64 px, few samples):
-the demo_shards fixture, resume after a kill, bad inputs."""
+the demo_shards fixture, resume after a kill, bad inputs; the Ray cluster config."""
 
 import os
 import shutil
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
+import yaml
 from conftest import REPO, run_pipeline
 from PIL import Image
 
@@ -24,7 +25,6 @@ from data_pipeline.shards import decode_sample, iter_shard, list_shards
 ASSETS = Path("/work/shared/assets")
 FAST = ["--resolution", "64", "--samples", "4", "--workers", "2"]
 
-pytestmark = pytest.mark.blender
 
 
 def all_keys(folder: Path) -> list[str]:
@@ -39,6 +39,7 @@ def all_keys(folder: Path) -> list[str]:
     return keys
 
 
+@pytest.mark.blender
 def test_demo_shards_fixture(demo_shards):
     rows = read_manifest(demo_shards / "manifest.parquet")
     assert len(rows) == 4 and all(r.status == "done" and r.attempts == 1 for r in rows.values())
@@ -60,6 +61,7 @@ def test_demo_shards_fixture(demo_shards):
 
 
 @pytest.mark.slow
+@pytest.mark.blender
 def test_resume_after_kill_never_loses_or_duplicates(tmp_path):
     out = tmp_path / "job"
     args = ["render", "--source", "demo", "--count", "4", "--seed", "5", "--per-shard", "2",
@@ -103,6 +105,7 @@ def _bad_inputs(folder: Path) -> None:
         shutil.copy(ASSETS / "fuze" / name, folder / "no_texture" / name)
 
 
+@pytest.mark.blender
 def test_bad_inputs_fail_with_reasons_and_the_job_completes(tmp_path):
     inputs, out = tmp_path / "inputs", tmp_path / "job"
     _bad_inputs(inputs)
@@ -127,3 +130,22 @@ def test_bad_inputs_fail_with_reasons_and_the_job_completes(tmp_path):
     again = read_manifest(out / "manifest.parquet")
     assert {u: (r.status, r.attempts) for u, r in again.items()} == {u: (r.status, r.attempts) for u, r in rows.items()}
     assert list_shards(out) == shards_before
+
+
+def test_cluster_config_is_valid_for_the_ray_launcher():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "infra" / "render.yaml").read_text())
+    prepared = prepare_config(config)
+    validate_config(prepared)  # Ray's own JSON schema for cluster configs
+    assert prepared["provider"]["type"] == "aws"
+    workers = prepared["available_node_types"]["gpu_worker"]
+    assert workers["node_config"]["InstanceType"].startswith(("g5", "g6", "p4", "p5"))
+    assert prepared["available_node_types"][prepared["head_node_type"]]["resources"] == {"CPU": 0}
+    assert "." in prepared["file_mounts"].values()  # the repository goes to every node
+    mount = next(k for k, v in prepared["file_mounts"].items() if v == ".")
+    assert any("pip install" in cmd and mount in cmd for cmd in prepared["setup_commands"])
+    # the submitted script is a real entry point of the render command
+    proc = subprocess.run([sys.executable, "scripts/render_job.py", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--ray-address" in proc.stdout and "--source" in proc.stdout
