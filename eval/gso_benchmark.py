@@ -107,24 +107,29 @@ def ground_truth_views(orbit, resolution: int, background: float) -> dict:
 
 # ----------------------------------------------------------------------------- sampling
 @contextlib.contextmanager
-def feedback_mode(model, mode: str):
-    """Temporarily switch the model's 3D-aware feedback (``"none"`` = two-stage baseline)."""
-    previous = model.config.feedback
-    model.config.feedback = mode
+def zero_feedback(model):
+    """Switch the 3D-aware feedback off: the denoiser gets zero feedback maps at every step.
+
+    This is the two-stage baseline on the same weights: zero feedback is exactly what the
+    model sees in training when self-conditioning is not drawn (Algorithm 1, "feedback = 0
+    otherwise"), and the Gaussians of the last step are one reconstruction of the final views.
+    (``Ouroboros3D.sample`` has no switch for it, so the model's ``feedback_maps`` is wrapped
+    for the duration of the block.)
+    """
+    original = model.feedback_maps
+    model.feedback_maps = lambda renders, like: original(None, like)
     try:
         yield model
     finally:
-        model.config.feedback = previous
+        del model.feedback_maps  # back to the class's method
 
 
 def generate(model, gt: dict, steps: int, feedback_every: int, seed: int, device) -> dict:
-    """Algorithm 2 on one object, then the reconstructed Gaussians rendered at the 8 cameras.
+    """Algorithm 2 on one object; the model renders its Gaussians at the 8 cameras.
 
     Returns:
         dict(views [8,3,R,R] in [0,1], renders [8,3,R,R] in [0,1], seconds)
     """
-    from model.rasterizer import render_gaussians
-
     cond = gt["images"][:1].to(device)
     c2w, K = gt["c2w"][None].to(device), gt["K"][None].to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -132,12 +137,9 @@ def generate(model, gt: dict, steps: int, feedback_every: int, seed: int, device
     with torch.no_grad():
         out = model.sample(cond, c2w, K, num_steps=steps, feedback_every=feedback_every,
                            generator=generator, progress=False)  # fmt: skip
-        res = gt["images"].shape[-1]
-        rendered = render_gaussians(out.gaussians, c2w, K, res, res,
-                                    background=float(model.config.background))  # fmt: skip
     seconds = time.perf_counter() - start
     return dict(views=((out.views[0] + 1) / 2).clamp(0, 1).float().cpu(),
-                renders=rendered["rgb"][0].clamp(0, 1).float().cpu(), seconds=seconds)  # fmt: skip
+                renders=out.renders["rgb"][0].clamp(0, 1).float().cpu(), seconds=seconds)  # fmt: skip
 
 
 def object_seed(seed: int, name: str) -> int:
@@ -158,12 +160,12 @@ def evaluate_object(model, obj: gso.GSOObject, args, lpips_metric, device) -> tu
     gt = ground_truth_views(orbit, cfg.resolution, float(cfg.background))
     target = (gt["images"] + 1) / 2
     seed = object_seed(args.seed, obj.name)
-    variants = [(VARIANT_FEEDBACK_ON, cfg.feedback, args.feedback_every),
-                (VARIANT_FEEDBACK_OFF, "none", args.feedback_every)]  # fmt: skip
+    variants = [(VARIANT_FEEDBACK_ON, cfg.feedback, contextlib.nullcontext()),
+                (VARIANT_FEEDBACK_OFF, "none", zero_feedback(model))]  # fmt: skip
     rows, strip_rows = [], [target]
-    for variant, mode, every in variants:
-        with feedback_mode(model, mode):
-            out = generate(model, gt, args.steps, every, seed, device)
+    for variant, mode, switch in variants:
+        with switch:
+            out = generate(model, gt, args.steps, args.feedback_every, seed, device)
         mv = image_metrics(out["views"], target, lpips_metric)
         gs = image_metrics(out["renders"], target, lpips_metric)
         row = dict(object=obj.name, variant=variant, feedback=mode,

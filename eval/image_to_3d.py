@@ -180,6 +180,7 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 30) -> None:
     try:
         imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8,
                          macro_block_size=1, format="FFMPEG")  # fmt: skip
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -54,6 +54,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are for people to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
