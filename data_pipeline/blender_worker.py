@@ -5,7 +5,7 @@ Usage (the parent, :mod:`data_pipeline.render`, is the only caller)::
     python -m data_pipeline.blender_worker <job.json>
 
 ``job.json`` holds ``mesh_path``, ``output_dir``, ``resolution``, ``samples``, ``fov_deg``,
-``device``, ``denoise`` and ``c2w`` (a list of 4x4 OpenCV camera-to-world matrices, in the
+``device``, ``denoise``, ``obj_up_axis`` and ``c2w`` (a list of 4x4 OpenCV camera-to-world matrices, in the
 normalised object frame). The worker writes into ``output_dir``, each file atomically:
 
 * ``render.npz``: ``rgba`` uint8 [N, H, W, 4] (straight alpha), ``depth`` float32 [N, H, W]
@@ -46,20 +46,25 @@ from mathutils import Matrix  # noqa: E402
 
 from data_pipeline.conventions import opencv_to_blender_c2w  # noqa: E402
 
-# Axis conversion each importer applies, file coordinates -> Blender world (+Z up).
-# glTF is +Y up by its specification; OBJ is +Y up by convention (imported with
-# forward -Z / up +Y, Blender's default); PLY is imported as is (+Z up).
+# Axis conversion each importer applies, file coordinates -> Blender world (+Z up), and the
+# importer arguments that make it so. glTF is +Y up by its specification (Blender's glTF
+# importer converts, no option); OBJ has no defined up axis: +Y (Blender's default) or +Z
+# (``obj_up_axis``); PLY is imported as is (+Z up).
 Y_UP_TO_Z_UP = [[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]
-IMPORT_AXES = {
-    ".glb": Y_UP_TO_Z_UP,
-    ".gltf": Y_UP_TO_Z_UP,
-    ".obj": Y_UP_TO_Z_UP,
-    ".ply": np.eye(3).tolist(),
-}
-IMPORTER_KWARGS = {
-    ".obj": {"forward_axis": "NEGATIVE_Z", "up_axis": "Y"},
-    ".ply": {"forward_axis": "Y", "up_axis": "Z"},
-}
+IDENTITY = np.eye(3).tolist()
+KEEP_AXES = {"forward_axis": "Y", "up_axis": "Z"}
+Y_UP_AXES = {"forward_axis": "NEGATIVE_Z", "up_axis": "Y"}
+
+
+def import_convention(suffix: str, obj_up_axis: str) -> tuple[list, dict]:
+    """(3x3 file -> world rotation, importer keyword arguments) for a file suffix."""
+    if suffix in (".glb", ".gltf"):
+        return Y_UP_TO_Z_UP, {}
+    if suffix == ".obj":
+        return (Y_UP_TO_Z_UP, Y_UP_AXES) if obj_up_axis == "y" else (IDENTITY, KEEP_AXES)
+    return IDENTITY, KEEP_AXES  # .ply
+
+
 CLIP_START, CLIP_END = 0.05, 100.0
 # Pixel filter of the geometry pass: (almost) a delta at the pixel centre, so that the
 # z-depth belongs to the ray through the pixel centre, as the CCM convention assumes.
@@ -154,11 +159,10 @@ def setup_scene(resolution: int, fov_deg: float, samples: int) -> None:
 
 
 # ----------------------------------------------------------------------------- mesh
-def import_mesh(mesh_path: Path) -> list:
+def import_mesh(mesh_path: Path, importer_kwargs: dict) -> list:
     """Import a .glb/.gltf/.obj/.ply file; returns the Blender mesh objects of the scene."""
-    suffix = mesh_path.suffix.lower()
     try:
-        load_obj(str(mesh_path), **IMPORTER_KWARGS.get(suffix, {}))
+        load_obj(str(mesh_path), **importer_kwargs)
     except Exception as exc:  # importers raise plain RuntimeErrors on bad files
         raise WorkerError("import_failed", f"Blender could not import it: {exc}")
     return [o for o in bpy.context.scene.objects if o.type == "MESH"]
@@ -312,7 +316,8 @@ def render_job(job: dict) -> tuple[dict, dict]:
     device = select_device(job["device"])
     setup_scene(job["resolution"], job["fov_deg"], job["samples"])
 
-    mesh_objects = import_mesh(mesh_path)
+    axes, importer_kwargs = import_convention(mesh_path.suffix.lower(), job["obj_up_axis"])
+    mesh_objects = import_mesh(mesh_path, importer_kwargs)
     if not mesh_objects:
         raise WorkerError("no_mesh", "the file holds no mesh")
     flatten_to_world(mesh_objects)
@@ -336,9 +341,8 @@ def render_job(job: dict) -> tuple[dict, dict]:
     depth[~np.isfinite(depth) | (depth >= CLIP_END)] = np.inf
     rgba = np.stack(beauty["colors"]).astype(np.uint8)
 
-    axes = np.asarray(IMPORT_AXES[mesh_path.suffix.lower()])
     source_to_world = np.eye(4)
-    source_to_world[:3, :3] = scale * axes
+    source_to_world[:3, :3] = scale * np.asarray(axes)
     source_to_world[:3, 3] = offset
     meta = {
         "normalization": {"scale": scale, "offset": offset.tolist(),

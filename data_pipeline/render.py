@@ -53,12 +53,15 @@ class RenderSettings:
     device: str = "auto"  # auto | cpu | cuda | optix
     timeout_s: float = 900.0
     memory_limit_gb: float = 8.0
-    denoise: bool = True  # Intel Open Image Denoise on the beauty pass
+    denoise: bool = True  # Intel Open Image Denoise on the colour pass
+    obj_up_axis: str = "y"  # OBJ files: "y" (Blender's default, like glTF) or "z" (kept as is)
     frames: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} not in {DEVICES}")
+        if self.obj_up_axis not in ("y", "z"):
+            raise ValueError(f"obj_up_axis {self.obj_up_axis!r} not in ('y', 'z')")
         if not 1 <= self.num_orbits <= C.NUM_ORBITS:
             raise ValueError(f"num_orbits {self.num_orbits} not in 1..{C.NUM_ORBITS}")
         if self.resolution < 8 or self.samples < 1:
@@ -256,6 +259,7 @@ def render_object(mesh_path, uid: str, settings: RenderSettings = RenderSettings
             "fov_deg": settings.fov_deg,
             "device": settings.device,
             "denoise": settings.denoise,
+            "obj_up_axis": settings.obj_up_axis,
             "c2w": np.concatenate([o["c2w"] for o in orbits]).tolist(),
         }
         arrays, worker_meta = run_worker(job, Path(tmp), settings)

@@ -19,15 +19,22 @@ from scipy import ndimage
 from data_pipeline import conventions as C
 
 # Importers' axis conventions (file coordinates -> +Z-up world): glTF is +Y up by its
-# specification, OBJ is +Y up by convention, PLY is taken as is.
+# specification, OBJ +Y up unless the render was asked to keep +Z, PLY is taken as is.
 Y_UP_TO_Z_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
-EXPECTED_AXES = {".glb": Y_UP_TO_Z_UP, ".gltf": Y_UP_TO_Z_UP, ".obj": Y_UP_TO_Z_UP, ".ply": np.eye(3)}
 
 
-def load_world_mesh(mesh_path, scale: float, offset) -> trimesh.Trimesh:
+def expected_axes(mesh_path, obj_up_axis: str = "y") -> np.ndarray:
+    """The 3x3 rotation from file coordinates to the +Z-up world for this file type."""
+    suffix = Path(mesh_path).suffix.lower()
+    if suffix in (".glb", ".gltf") or (suffix == ".obj" and obj_up_axis == "y"):
+        return Y_UP_TO_Z_UP
+    return np.eye(3)
+
+
+def load_world_mesh(mesh_path, scale: float, offset, obj_up_axis: str = "y") -> trimesh.Trimesh:
     """The source mesh in the normalised world: ``p' = scale * A p + offset``, A from the format."""
     mesh = trimesh.load(str(mesh_path), force="mesh", process=False)
-    axes = EXPECTED_AXES[Path(mesh_path).suffix.lower()]
+    axes = expected_axes(mesh_path, obj_up_axis)
     vertices = scale * np.asarray(mesh.vertices, dtype=np.float64) @ axes.T + np.asarray(offset)
     return trimesh.Trimesh(vertices=vertices, faces=mesh.faces, process=False)
 

@@ -6,6 +6,7 @@ within its time budget. The reference is tests/mesh_oracle.py.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import pytest
 import trimesh
 
 from data_pipeline import conventions as C
-from data_pipeline.render import RenderError, RenderSettings, ccm_from_depth, render_object
-from mesh_oracle import EXPECTED_AXES, compare_frame, load_world_mesh
+from data_pipeline.render import (RenderError, RenderSettings, ccm_from_depth, orbit_cameras,
+                                  render_object)
+from mesh_oracle import compare_frame, expected_axes, load_world_mesh
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 if not ASSETS.is_dir():
@@ -46,13 +48,15 @@ def procedural_files(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _check_against_oracle(mesh_path: Path, uid: str) -> list:
-    orbits = render_object(mesh_path, uid, FAST)
+def _check_against_oracle(mesh_path: Path, uid: str,
+                          settings: RenderSettings = FAST) -> tuple[list, trimesh.Trimesh]:
+    """Render 2 orbits x 2 frames and hold every frame against the ray-cast mesh."""
+    orbits = render_object(mesh_path, uid, settings)
     assert [o.orbit for o in orbits] == [0, 1]
     norm = orbits[0].meta["normalization"]
-    axes = EXPECTED_AXES[mesh_path.suffix.lower()]
+    axes = expected_axes(mesh_path, settings.obj_up_axis)
     np.testing.assert_allclose(np.asarray(norm["source_to_world"])[:3, :3], norm["scale"] * axes)
-    mesh = load_world_mesh(mesh_path, norm["scale"], norm["offset"])
+    mesh = load_world_mesh(mesh_path, norm["scale"], norm["offset"], settings.obj_up_axis)
     corners = mesh.vertices[mesh.faces.ravel()]
     lo, hi = corners.min(0), corners.max(0)
     np.testing.assert_allclose(hi + lo, 0.0, atol=1e-5)  # centred
@@ -67,7 +71,7 @@ def _check_against_oracle(mesh_path: Path, uid: str) -> list:
             assert r.iou >= 0.95, r
             assert r.median_error < 1 / 200, r
             assert r.outlier_fraction < 0.03, r
-    return orbits
+    return orbits, mesh
 
 
 @pytest.mark.blender
@@ -77,9 +81,17 @@ def test_render_matches_ray_cast_asset(name):
 
 
 @pytest.mark.blender
+def test_obj_up_axis_z_keeps_file_axes():
+    """fuze.obj is modelled +Z up: with obj_up_axis="z" the bottle stands (longest side on Z)."""
+    settings = dataclasses.replace(FAST, obj_up_axis="z")
+    _, mesh = _check_against_oracle(ASSETS / "fuze/fuze.obj", "fuze_z", settings)
+    assert np.argmax(mesh.extents) == 2
+
+
+@pytest.mark.blender
 @pytest.mark.parametrize("kind", ["glb", "ply"])
 def test_render_matches_ray_cast_procedural(procedural_files, kind):
-    orbits = _check_against_oracle(procedural_files[kind], uid=f"procedural_{kind}")
+    orbits, _ = _check_against_oracle(procedural_files[kind], uid=f"procedural_{kind}")
     if kind == "glb":  # vertex colours come through: the box is red, the ball blue
         rgba = np.concatenate([o.rgba for o in orbits]).reshape(-1, 4)
         solid = rgba[rgba[:, 3] == 255, :3].astype(float)
@@ -121,11 +133,10 @@ def test_same_uid_same_cameras_and_meta():
     settings = RenderSettings(resolution=32, samples=1, frames=(3,), denoise=False, num_orbits=2)
     a = render_object(ASSETS / "BoxTextured.glb", "same_uid", settings)
     b = render_object(ASSETS / "BoxTextured.glb", "same_uid", settings)
-    c = render_object(ASSETS / "BoxTextured.glb", "other_uid", settings)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.c2w, y.c2w)
         assert x.meta == y.meta
-    assert not np.allclose(a[0].c2w, c[0].c2w)
+    assert not np.allclose(a[0].c2w, orbit_cameras("other_uid", 0, settings)["c2w"])
     # The recorded draws are the conventions' own and reproduce the cameras.
     meta = a[1].meta
     elevation, start = C.draw_orbit("same_uid", 1)
@@ -168,6 +179,14 @@ def test_timeout_raises_render_error():
     with pytest.raises(RenderError) as info:
         render_object(ASSETS / "Duck.glb", "slow", settings)
     assert info.value.reason == "timeout"
+
+
+@pytest.mark.blender
+def test_memory_cap_raises_render_error():
+    settings = RenderSettings(resolution=32, samples=1, frames=(0,), memory_limit_gb=0.25)
+    with pytest.raises(RenderError) as info:
+        render_object(ASSETS / "Duck.glb", "small", settings)
+    assert info.value.reason == "worker_crashed" and "memory limit" in str(info.value)
 
 
 def test_ccm_from_depth_plane_and_fill():
