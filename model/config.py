@@ -138,7 +138,14 @@ def _full() -> OuroborosConfig:
         name="full",
         resolution=512,
         unet={},  # diffusers' defaults = SVD img2vid's UNet (1.52B parameters)
-        vae={},  # diffusers' defaults = SVD's AutoencoderKLTemporalDecoder
+        vae=dict(  # SVD img2vid's vae/config.json
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=768,
+            scaling_factor=0.18215,
+        ),
         image_encoder=dict(  # CLIP ViT-H/14 vision tower with a 1024-d projection
             hidden_size=1280,
             intermediate_size=5120,
@@ -201,7 +208,7 @@ def _tiny() -> OuroborosConfig:
         camera_hidden_channels=32,
         adapter_channels=channels,
         lgm_preset="tiny",
-        lgm_resolution=64,
+        lgm_resolution=32,
     )
 
 

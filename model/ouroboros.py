@@ -121,7 +121,7 @@ class Ouroboros3D(nn.Module):
         camera = CameraEmbedding.from_pretrained(path / "camera_embedding")
         ccm_adapter = T2IAdapter.from_pretrained(path / "ccm_adapter") if config.feedback != "none" else None
         rgb_adapter = T2IAdapter.from_pretrained(path / "rgb_adapter") if config.feedback == "ccm_rgb" else None
-        lgm = LGM.from_pretrained(path / "lgm", _lgm_config(config.lgm_preset))
+        lgm = LGM.from_pretrained(path / "lgm")  # architecture from its own config.json
         return cls(config, svd, MultiViewUNet(svd.unet, camera, ccm_adapter, rgb_adapter), lgm)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -1,0 +1,164 @@
+"""Algorithms 1 and 2 of the paper on the tiny preset (model/ouroboros.py, model/conditioning.py)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
+from model.conditioning import classifier_free_guidance, conditioning_dropout, frame_guidance_scales
+from model.config import preset
+from model.ouroboros import Ouroboros3D, reconstruction_steps, use_self_conditioning
+
+RES, V = 64, 8
+
+
+def _cameras(batch=1, elevation=10.0):
+    c2w = orbit_c2w(elevation, np.arange(V) * 45.0)  # model frame: view 0 at azimuth 0
+    K = intrinsics(DEFAULT_FOV_DEG, RES)
+    c2w = torch.tensor(c2w, dtype=torch.float32).expand(batch, V, 4, 4).clone()
+    K = torch.tensor(K, dtype=torch.float32).expand(batch, V, 3, 3).clone()
+    return c2w, K
+
+
+def _batch(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c2w, K = _cameras()
+    alphas = (torch.rand(1, V, 1, RES, RES, generator=gen) > 0.5).float()
+    images = torch.rand(1, V, 3, RES, RES, generator=gen) * 2 - 1
+    images = images * alphas + (1 - alphas)  # composited over the white background
+    ccm = torch.rand(1, V, 3, RES, RES, generator=gen) * alphas
+    return dict(images=images, alphas=alphas, ccm=ccm, c2w=c2w, K=K, key=["obj_o0"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return Ouroboros3D.from_config(preset("tiny"))
+
+
+# ----------------------------------------------------------------------------- decisions
+def test_self_conditioning_frequency_is_half():
+    gen = torch.Generator().manual_seed(0)
+    draws = [use_self_conditioning(0.5, gen) for _ in range(4000)]
+    assert 0.47 < np.mean(draws) < 0.53
+    again = [use_self_conditioning(0.5, torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert len(set(again)) == 1  # same seed, same decision
+    assert not any(use_self_conditioning(0.0, gen) for _ in range(100))
+    assert all(use_self_conditioning(1.0, gen) for _ in range(100))
+
+
+def test_conditioning_dropout_rates():
+    gen = torch.Generator().manual_seed(1)
+    drop_e, drop_l = conditioning_dropout(200_000, 0.05, gen)
+    both = (drop_e & drop_l).float().mean().item()
+    only_e = (drop_e & ~drop_l).float().mean().item()
+    only_l = (~drop_e & drop_l).float().mean().item()
+    for rate in (both, only_e, only_l):
+        assert rate == pytest.approx(0.05, abs=0.003)
+
+
+def test_per_frame_guidance():
+    scales = frame_guidance_scales(1.0, 3.0, 8)
+    torch.testing.assert_close(scales, torch.tensor([1.0, 9 / 7, 11 / 7, 13 / 7, 15 / 7, 17 / 7, 19 / 7, 3.0]))
+    uncond, cond = torch.zeros(2, 8, 4, 2, 2), torch.ones(2, 8, 4, 2, 2)
+    out = classifier_free_guidance(uncond, cond, scales)
+    torch.testing.assert_close(out[:, :, 0, 0, 0], scales.expand(2, 8))
+
+
+def test_reconstruction_steps():
+    assert reconstruction_steps(25, 1, True) == set(range(25))
+    assert reconstruction_steps(5, 2, True) == {0, 2, 4}
+    assert reconstruction_steps(6, 4, True) == {0, 4, 5}
+    assert reconstruction_steps(25, 1, False) == {24}
+    with pytest.raises(ValueError):
+        reconstruction_steps(5, 0, True)
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+def test_algorithm1_gradients_reach_every_trainable_parameter(tiny_model):
+    model = tiny_model.train()
+    model.zero_grad(set_to_none=True)
+    flags = []
+    # one step with 3D self-conditioning (and the clean-image LGM pass), one without either
+    for prob, seed in ((1.0, 1), (0.0, 2)):
+        model.config.self_cond_prob = prob
+        model.config.clean_recon_pass = prob == 1.0
+        out = model.training_losses(_batch(seed), generator=torch.Generator().manual_seed(seed))
+        assert torch.isfinite(out["loss"])
+        assert out["loss_recon_mse"] > 0 and out["loss_diffusion"] > 0
+        out["loss"].backward()
+        flags.append(out["self_cond_used"])
+    model.config.self_cond_prob, model.config.clean_recon_pass = 0.5, True
+    assert flags == [True, False]
+    trainable = {id(p) for p in model.trainable_parameters()}
+    missing = [n for n, p in model.named_parameters() if id(p) in trainable and p.grad is None]
+    assert not missing, f"no gradient reached: {missing[:10]}"
+    frozen = [n for n, p in model.named_parameters() if id(p) not in trainable and p.grad is not None]
+    assert not frozen, f"frozen parameters got gradients: {frozen[:10]}"
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    assert not any(p.requires_grad for p in model.image_encoder.parameters())
+    # zero-initialised layers learn: the camera MLP's last layer, every adapter's input conv
+    assert model.denoiser.camera.mlp[-1].weight.grad.abs().sum() > 0
+    assert model.denoiser.ccm_adapter.adapter.conv_in.weight.grad.abs().sum() > 0
+    assert model.denoiser.rgb_adapter.adapter.conv_in.weight.grad.abs().sum() > 0
+    lgm_grads = [p.grad.abs().sum() for p in model.lgm.parameters()]
+    assert sum(g > 0 for g in lgm_grads) > 0.5 * len(lgm_grads)
+    model.zero_grad(set_to_none=True)
+
+
+def test_algorithm1_without_joint_training_or_feedback():
+    torch.manual_seed(0)
+    model = Ouroboros3D.from_config(preset("tiny", joint_training=False, feedback="none"))
+    assert model.denoiser.ccm_adapter is None
+    assert not any(p.requires_grad for p in model.lgm.parameters())
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.denoiser.parameters()}
+    out = model.training_losses(_batch(3), generator=torch.Generator().manual_seed(3))
+    assert not out["self_cond_used"] and out["loss_recon_mse"] == 0
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.lgm.parameters())
+
+
+# ----------------------------------------------------------------------------- Algorithm 2
+def test_algorithm2_reconstructs_every_step_and_feeds_back(tiny_model, monkeypatch):
+    model = tiny_model.eval()
+    calls, feedbacks = [], []
+    reconstruct, denoise = model.reconstruct, model.denoise
+
+    def counting_reconstruct(images, c2w, K, c_noise):
+        calls.append(c_noise.clone())
+        return reconstruct(images, c2w, K, c_noise)
+
+    def spying_denoise(noisy, sigma, embedding, cond_latent, plucker, feedback):
+        feedbacks.append(feedback["ccm"].abs().sum().item())
+        return denoise(noisy, sigma, embedding, cond_latent, plucker, feedback)
+
+    monkeypatch.setattr(model, "reconstruct", counting_reconstruct)
+    monkeypatch.setattr(model, "denoise", spying_denoise)
+    c2w, K = _cameras(batch=1)
+    cond = torch.rand(1, 3, RES, RES) * 2 - 1
+    out = model.sample(cond, c2w, K, num_steps=3, generator=torch.Generator().manual_seed(0), progress=False)
+    assert len(calls) == 3  # Algorithm 2: LGM after every denoising step
+    assert calls[-1].item() == pytest.approx(0.25 * np.log(0.002), rel=1e-5)  # last one at sigma_min
+    assert feedbacks[0] == 0 and all(f > 0 for f in feedbacks[1:])  # starts at 0, then fed back
+    assert out.views.shape == (1, V, 3, RES, RES) and out.views.abs().max() <= 1
+    assert out.gaussians.ndim == 3 and out.gaussians.shape[-1] == 14
+    assert out.renders["rgb"].shape == (1, V, 3, RES, RES)
+
+    calls.clear()
+    model.sample(cond, c2w, K, num_steps=3, feedback_every=2, guidance=(1.0, 1.0), progress=False)
+    assert len(calls) == 2  # steps 0 and 2 (the last)
+
+
+def test_save_and_load_round_trip(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "export")
+    loaded = Ouroboros3D.from_pretrained(tmp_path / "export").eval()
+    ref = tiny_model.state_dict()
+    got = loaded.state_dict()
+    assert ref.keys() == got.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0, msg=key)
+    assert json.loads(json.dumps(loaded.config.to_dict())) == json.loads(json.dumps(tiny_model.config.to_dict()))
+    with pytest.raises(FileNotFoundError, match="ouroboros_config.json"):
+        Ouroboros3D.from_pretrained(tmp_path)
