@@ -70,6 +70,8 @@ CLIP_START, CLIP_END = 0.05, 100.0
 # z-depth belongs to the ray through the pixel centre, as the CCM convention assumes.
 GEOMETRY_FILTER_WIDTH = 0.01
 BEAUTY_FILTER_WIDTH = 1.5  # Cycles' default Blackman-Harris width: antialiased RGBA
+LIGHT_BOUNCES = dict(diffuse_bounces=2, glossy_bounces=1, ao_bounces_render=2, max_bounces=4,
+                     transmission_bounces=4, transparent_max_bounces=8, volume_bounces=0)
 
 
 class WorkerError(Exception):
@@ -152,10 +154,7 @@ def setup_scene(resolution: int, fov_deg: float, samples: int) -> None:
     bpy.context.scene.view_settings.look = "None"
     RendererUtility.set_noise_threshold(0.0)  # fixed sample count: reproducible cost
     RendererUtility.set_max_amount_of_samples(samples)
-    RendererUtility.set_light_bounces(
-        diffuse_bounces=2, glossy_bounces=1, ao_bounces_render=2, max_bounces=4,
-        transmission_bounces=4, transparent_max_bounces=8, volume_bounces=0,
-    )
+    RendererUtility.set_light_bounces(**LIGHT_BOUNCES)
 
 
 # ----------------------------------------------------------------------------- mesh
@@ -334,7 +333,7 @@ def render_job(job: dict) -> tuple[dict, dict]:
     # Geometry pass: one sample at the pixel centre -> exact z-depth of the centre ray.
     bpy.context.scene.cycles.max_bounces = 0
     geometry = render_pass(samples=1, filter_width=GEOMETRY_FILTER_WIDTH, denoise=False)
-    bpy.context.scene.cycles.max_bounces = 4
+    bpy.context.scene.cycles.max_bounces = LIGHT_BOUNCES["max_bounces"]
     beauty = render_pass(job["samples"], BEAUTY_FILTER_WIDTH, job["denoise"])
 
     depth = np.stack([d[..., 0] if d.ndim == 3 else d for d in geometry["depth"]]).astype(np.float32)
