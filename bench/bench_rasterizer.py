@@ -1,0 +1,110 @@
+"""Rasterizer speed and memory: the CPU torch reference at several resolutions for LGM-sized
+(4 x 128 x 128 = 65,536) and tiny (4 x 16 x 16 = 1,024) Gaussian sets, forward and
+forward + backward; the same through gsplat when CUDA is present.
+
+Each configuration runs in a fresh process so that its peak resident memory (CPU) is its own.
+
+    .venv/bin/python bench/bench_rasterizer.py --threads 1         # full table
+    .venv/bin/python bench/bench_rasterizer.py --sizes 64 128 --counts 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+from data_pipeline import conventions as C
+
+
+def lgm_like_gaussians(n: int, device: str, seed: int = 0) -> torch.Tensor:
+    """[1, n, 14] Gaussians shaped like an LGM output: small, inside the unit object box."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.cat(
+        [
+            (torch.rand(n, 3, generator=gen) - 0.5) * 0.9,
+            torch.rand(n, 1, generator=gen),
+            0.003 + 0.02 * torch.rand(n, 3, generator=gen),
+            torch.nn.functional.normalize(torch.randn(n, 4, generator=gen), dim=-1),
+            torch.rand(n, 3, generator=gen),
+        ],
+        -1,
+    )
+    return g[None].to(device)
+
+
+def run_one(size: int, n: int, backend: str, device: str, repeats: int, threads: int, queue) -> None:
+    from model.rasterizer import render_gaussians
+
+    torch.set_num_threads(threads)
+    g = lgm_like_gaussians(n, device)
+    c2w = torch.tensor(C.orbit_c2w(15.0, [30.0]), dtype=torch.float32, device=device)[None]
+    K = torch.tensor(C.intrinsics(C.DEFAULT_FOV_DEG, size), dtype=torch.float32, device=device)[None, None]
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def forward():
+        return render_gaussians(g, c2w, K, size, size, backend=backend)
+
+    def forward_backward():
+        gg = g.clone().requires_grad_(True)
+        out = render_gaussians(gg, c2w, K, size, size, backend=backend)
+        (out["rgb"].mean() + out["ccm"].mean() + out["depth"].mean()).backward()
+
+    times = {}
+    for name, fn in (("forward", forward), ("forward+backward", forward_backward)):
+        with torch.no_grad() if name == "forward" else torch.enable_grad():
+            fn()  # warm-up (gsplat: JIT build on first call)
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            with torch.no_grad() if name == "forward" else torch.enable_grad():
+                fn()
+        sync()
+        times[name] = (time.perf_counter() - start) / repeats
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024  # MiB
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    queue.put((times["forward"], times["forward+backward"], peak))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--counts", type=int, nargs="+", default=[1024, 65536])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads (1 on a shared machine: contended OpenMP threads spin)")
+    args = parser.parse_args()
+
+    setups = [("torch", "cpu")]
+    if torch.cuda.is_available():
+        setups += [("torch", "cuda"), ("gsplat", "cuda")]
+    else:
+        print("CUDA not available: gsplat not measured.")
+    ctx = mp.get_context("spawn")
+    print(f"torch {torch.__version__}, {args.threads} CPU threads, 1 view per render")
+    print("| backend | device | Gaussians | px | forward s | fwd+bwd s | peak mem MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for backend, device in setups:
+        for n in args.counts:
+            for size in args.sizes:
+                queue = ctx.Queue()
+                proc = ctx.Process(target=run_one, args=(size, n, backend, device, args.repeats, args.threads, queue))
+                proc.start()
+                proc.join()
+                if proc.exitcode != 0:
+                    print(f"| {backend} | {device} | {n} | {size} | failed (exit {proc.exitcode}) | | |")
+                    continue
+                fwd, fwdbwd, peak = queue.get()
+                print(f"| {backend} | {device} | {n:,} | {size} | {fwd:.3f} | {fwdbwd:.3f} | {peak:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
