@@ -195,3 +195,23 @@ def test_benchmark_end_to_end_on_two_objects(gso_root, tiny_checkpoint, tmp_path
     res2 = _benchmark(*args)
     assert res2.returncode == 0, res2.stderr[-3000:]
     assert pq.read_table(out / "per_object.parquet").to_pylist() == rows
+
+
+def test_zero_feedback_switches_the_feedback_off_and_back(tiny_checkpoint):
+    import torch
+
+    from eval.gso_benchmark import zero_feedback
+    from model.ouroboros import Ouroboros3D
+
+    model = Ouroboros3D.from_pretrained(tiny_checkpoint)
+    if model.config.feedback == "none":
+        pytest.skip("the tiny checkpoint has no feedback adapters")
+    r = model.config.resolution
+    renders = dict(rgb=torch.full((1, 8, 3, r, r), 0.5), ccm=torch.full((1, 8, 3, r, r), 0.25))
+    like = torch.zeros(1, 8, 4, r // 8, r // 8)
+    assert model.feedback_maps(renders, like)["ccm"].eq(0.25).all()
+    with zero_feedback(model):
+        off = model.feedback_maps(renders, like)
+        assert off["ccm"].abs().max() == 0 and off["ccm"].shape == (1, 8, 3, r, r)
+        assert off["rgb"] is None or off["rgb"].abs().max() == 0
+    assert model.feedback_maps(renders, like)["ccm"].eq(0.25).all()
