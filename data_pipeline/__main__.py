@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "render":
         if args.input is not None:
-            if args.source not in ("local",):
+            if args.source != "local":
                 parser.error("--input goes with --source local")
             if not args.input.is_dir():
                 parser.error(f"--input {args.input}: not a folder")

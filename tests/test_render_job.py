@@ -149,3 +149,27 @@ def test_cluster_config_is_valid_for_the_ray_launcher():
     proc = subprocess.run([sys.executable, "scripts/render_job.py", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--ray-address" in proc.stdout and "--source" in proc.stdout
+
+
+@pytest.mark.blender
+def test_render_task_fetches_objaverse_objects_through_the_package(objaverse_cache):
+    import hashlib
+
+    from data_pipeline.job import render_task
+    from data_pipeline.render import RenderSettings
+    from data_pipeline.sources import ObjectRecord, objaverse_objects
+
+    uid = hashlib.md5(b"mug").hexdigest()
+    (record,), _, _ = objaverse_objects(uids=[uid])
+    result = render_task(record, RenderSettings(resolution=32, samples=1))
+    assert result.ok, result.reason
+    glb = objaverse_cache / "glbs" / "000-000" / f"{uid}.glb"
+    assert result.sha256 == hashlib.sha256(glb.read_bytes()).hexdigest() and result.size == glb.stat().st_size
+    assert [s["__key__"] for s in result.samples] == [f"{uid}_o0", f"{uid}_o1"]
+    sample = decode_sample(result.samples[1])
+    assert sample["meta"]["source"] == "objaverse" and sample["rgba"].shape == (16, 32, 32, 4)
+
+    with pytest.warns(UserWarning):  # objaverse warns about the unknown uid
+        missing = render_task(ObjectRecord("f" * 32, "objaverse", "https://example/x.glb"),
+                              RenderSettings(resolution=32, samples=1))
+    assert not missing.ok and missing.reason.startswith("error: FileNotFoundError")
