@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     render.add_argument("--workers", type=int, help="local Ray CPUs (default: all)")
     render.add_argument("--ray-address", help="'auto' to join the Ray cluster (ray submit)")
     render.add_argument("--gpus-per-task", type=float, default=0.0)
-    render.add_argument("--max-in-flight", type=int, help="tasks submitted at once (default 2 x CPUs/GPUs)")
+    render.add_argument("--max-in-flight", type=int,
+                        help="tasks submitted at once (default: 2 x CPUs/GPUs locally, 1024 on a cluster)")
     render.add_argument("--per-shard", type=int, default=64, help="samples (orbits) per shard")
     render.add_argument("--max-retries", type=int, default=2, help="re-runs retry failed objects this often")
     render.add_argument("--no-contact-sheet", action="store_true")

@@ -35,6 +35,7 @@ MANIFEST_NAME = "manifest.parquet"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 SUMMARY_NAME = "job_summary.json"
 FAILURE_FLUSH_S = 30.0  # failures alone rewrite the manifest at most this often
+CLUSTER_IN_FLIGHT = 1024
 
 
 @dataclass
@@ -167,6 +168,16 @@ def _init_ray(config: JobConfig):
     return ray
 
 
+def in_flight_window(ray, config: JobConfig) -> int:
+    """Tasks submitted at once. Locally twice the CPUs (or GPUs); on a cluster enough pending
+    tasks for the autoscaler to see the demand and add workers (pending tasks hold only their
+    arguments; results are fetched one by one as they finish)."""
+    if config.ray_address:
+        return CLUSTER_IN_FLIGHT
+    resources = ray.cluster_resources()
+    return max(2, 2 * int(resources.get("GPU" if config.gpus_per_task else "CPU", 1)))
+
+
 def run_job(records: list[ObjectRecord], config: JobConfig,
             filtered: list[tuple[ObjectRecord, str]] = ()) -> JobSummary:
     """Render every object of ``records`` not yet done into ``config.output``.
@@ -218,8 +229,7 @@ def _render_all(ray, todo, rows, config, manifest_path):
     """Submit tasks in a bounded window, write shards as results arrive, keep the manifest
     in step. Returns (rendered, failed, [render seconds])."""
     task = ray.remote(render_task).options(max_retries=2, num_gpus=config.gpus_per_task)
-    resources = ray.cluster_resources()
-    window = config.max_in_flight or max(2, 2 * int(resources.get("GPU" if config.gpus_per_task else "CPU", 1)))
+    window = config.max_in_flight or in_flight_window(ray, config)
     settings_ref = ray.put(config.settings)
     queue, in_flight = list(reversed(todo)), {}
     unrecorded: dict[str, TaskResult] = {}  # rendered, in the open shard, not yet in the manifest
