@@ -77,6 +77,22 @@ def local_objects(folder: str | Path) -> list[ObjectRecord]:
 
 
 # ----------------------------------------------------------------------------- demo
+def srgb_to_linear(c):
+    """sRGB-encoded values in [0, 1] -> linear (IEC 61966-2-1)."""
+    c = np.asarray(c, dtype=np.float64)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(c):
+    """Linear values in [0, 1] -> sRGB-encoded (inverse of :func:`srgb_to_linear`)."""
+    c = np.asarray(c, dtype=np.float64)
+    return np.where(c <= 0.0031308, c * 12.92, 1.055 * np.clip(c, 0, None) ** (1 / 2.4) - 0.055)
+
+
+def _to_uint8(c) -> np.ndarray:
+    return np.round(np.clip(c, 0.0, 1.0) * 255).astype(np.uint8)
+
+
 SHAPES = ("box", "sphere", "cylinder", "cone", "torus", "capsule", "composition")
 LOOKS = ("vertex_colors", "stripes", "checker", "material")
 
@@ -129,20 +145,25 @@ def _primitive(shape: str, rng: np.random.Generator) -> trimesh.Trimesh:
 
 
 def _paint(mesh: trimesh.Trimesh, look: str, rng: np.random.Generator) -> trimesh.Trimesh:
-    """Give a mesh its appearance: vertex colours, a UV texture, or a plain PBR material."""
+    """Give a mesh its appearance: vertex colours, a UV texture, or a plain PBR material.
+
+    Colours are chosen in sRGB. glTF stores vertex colours and base colour factors as linear
+    values (textures as sRGB), so those two are linearised: a renderer then shows the chosen colour.
+    """
     colors = rng.integers(30, 256, (3, 3))
     if look == "vertex_colors":
         z = mesh.vertices[:, 2]
         t = ((z - z.min()) / max(np.ptp(z), 1e-9))[:, None]
-        rgb = (1 - t) * colors[0] + t * colors[1]
-        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.c_[rgb, np.full(len(rgb), 255)].astype(np.uint8))
+        rgb = _to_uint8(srgb_to_linear(((1 - t) * colors[0] + t * colors[1]) / 255))
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.c_[rgb, np.full(len(rgb), 255)])
         return mesh
     if look in ("stripes", "checker"):
         mesh = _box_uv(mesh)
         material = trimesh.visual.material.PBRMaterial(baseColorTexture=_texture(look, colors, rng))
         mesh.visual = trimesh.visual.TextureVisuals(uv=mesh.visual.uv, material=material)
         return mesh
-    material = trimesh.visual.material.PBRMaterial(baseColorFactor=np.r_[colors[0], 255].astype(np.uint8))
+    factor = np.r_[_to_uint8(srgb_to_linear(colors[0] / 255)), 255].astype(np.uint8)
+    material = trimesh.visual.material.PBRMaterial(baseColorFactor=factor)
     mesh.visual = trimesh.visual.TextureVisuals(material=material)
     return mesh
 
@@ -201,16 +222,23 @@ def demo_objects(count: int, out_dir: str | Path, seed: int = 0) -> list[ObjectR
 
 
 # ----------------------------------------------------------------------------- GSO layout
-def _as_textured(mesh: trimesh.Trimesh) -> trimesh.Trimesh:
-    """The mesh with a UV texture image: vertex colours and plain materials are baked into one."""
+def _as_textured(mesh: trimesh.Trimesh, linear_colors: bool) -> trimesh.Trimesh:
+    """The mesh with a UV texture image: vertex colours and plain materials are baked into one.
+
+    ``linear_colors``: the file stores vertex colours and colour factors linearly (glTF); the
+    baked texture is sRGB, so they are encoded on the way.
+    """
+    encode = (lambda c: _to_uint8(linear_to_srgb(np.asarray(c) / 255))) if linear_colors else np.asarray
     visual = mesh.visual
     if isinstance(visual, trimesh.visual.ColorVisuals):
-        mesh.visual = visual.to_texture()
+        colors = np.array(visual.vertex_colors)
+        colors[:, :3] = encode(colors[:, :3])
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=colors).to_texture()
         visual = mesh.visual
     material = visual.material
     image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
     if image is None or visual.uv is None:
-        color = np.asarray(material.main_color, dtype=np.uint8)[:3]
+        color = encode(np.asarray(material.main_color, dtype=np.uint8)[:3])
         image = Image.new("RGB", (4, 4), tuple(int(c) for c in color))
         mesh.visual = trimesh.visual.TextureVisuals(uv=np.full((len(mesh.vertices), 2), 0.5), image=image)
     elif not isinstance(material, trimesh.visual.material.SimpleMaterial):
@@ -229,7 +257,7 @@ def export_gso_layout(mesh_path: str | Path, out_root: str | Path, name: str) ->
     mesh = trimesh.load(str(mesh_path), force="mesh")
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise ValueError(f"{mesh_path}: no faces to export")
-    mesh = _as_textured(mesh)
+    mesh = _as_textured(mesh, linear_colors=Path(mesh_path).suffix.lower() in (".glb", ".gltf"))
     image = mesh.visual.material.image.convert("RGB")
     obj_text, _ = trimesh.exchange.obj.export_obj(
         mesh, include_normals=True, include_texture=True, return_texture=True, mtl_name="model.mtl"

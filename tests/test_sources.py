@@ -103,3 +103,19 @@ def test_resolve_path_of_objaverse_and_local_records(objaverse_cache):
         resolve_path(ObjectRecord("f" * 32, "objaverse", "https://example/x.glb"))
     local = ObjectRecord("x", "local", "/some/file.glb")
     assert resolve_path(local) == "/some/file.glb"
+
+
+def test_demo_colours_are_stored_linearly_as_gltf_says(tmp_path):
+    from data_pipeline.sources import linear_to_srgb, srgb_to_linear
+
+    np.testing.assert_allclose(srgb_to_linear([0.0, 0.04045, 0.5, 1.0]), [0.0, 0.04045 / 12.92, 0.21404, 1.0], atol=1e-5)
+    grid = np.linspace(0, 1, 101)
+    np.testing.assert_allclose(linear_to_srgb(srgb_to_linear(grid)), grid, atol=1e-9)
+    # a vertex-coloured demo object, baked into a GSO texture, gets back its sRGB colours
+    (record,) = demo_objects(1, tmp_path / "demo", seed=0)  # index 0: box with vertex colours
+    stored = list(trimesh.load(record.path_or_url).geometry.values())[0].visual.vertex_colors[:, :3]
+    exported = _load_obj(export_gso_layout(record.path_or_url, tmp_path / "gso", "o") / "meshes" / "model.obj")
+    baked = exported.visual.to_color().vertex_colors[:, :3].astype(float)
+    expected = np.round(linear_to_srgb(stored / 255.0) * 255)
+    np.testing.assert_allclose(np.unique(baked, axis=0), np.unique(expected, axis=0), atol=2)
+    assert (expected >= stored).all() and (expected > stored).any()  # sRGB encoding brightens
