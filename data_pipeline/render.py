@@ -1,7 +1,7 @@
 """Render one object: 2 orbits x 16 frames of RGBA + canonical coordinate map (CCM) + cameras.
 
 :func:`render_object` is the entry point (INTERFACES.md, part R). Blender runs in a separate
-worker process (:mod:`data_pipeline.blender_worker`) under a timeout and an address-space cap;
+worker process (:mod:`data_pipeline.blender_worker`) under a timeout and a memory cap;
 this module never imports ``bpy``. The worker returns RGBA and the z-depth of each pixel
 centre's ray; the CCM is computed here from the depth (DESIGN section 2)::
 
@@ -170,9 +170,14 @@ def ccm_from_depth(depth: np.ndarray, alpha: np.ndarray, K: np.ndarray, c2w: np.
 
 # ----------------------------------------------------------------------------- worker
 def _limit_memory(limit_bytes: int):
+    """Child set-up: its own process group (killed as a whole on timeout) and a memory cap.
+
+    The cap is RLIMIT_DATA (heap, anonymous and private writable mappings), not RLIMIT_AS:
+    CUDA/OptiX reserve large inaccessible address ranges that an address-space cap refuses.
+    """
     def preexec():
         os.setsid()
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
     return preexec
 
 
@@ -184,8 +189,8 @@ def _tail(path: Path) -> str:
 def run_worker(job: dict, workdir: Path, settings: RenderSettings) -> tuple[dict, dict]:
     """Run the Blender worker on ``job`` in ``workdir``; returns (arrays, worker metadata).
 
-    The worker gets ``settings.timeout_s`` seconds and ``settings.memory_limit_gb`` of address
-    space; it is judged by its complete output (``render.npz`` + ``result.json``), not by its
+    The worker gets ``settings.timeout_s`` seconds and ``settings.memory_limit_gb`` of data
+    memory; it is judged by its complete output (``render.npz`` + ``result.json``), not by its
     exit code alone.
 
     Raises:

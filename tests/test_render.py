@@ -183,7 +183,7 @@ def test_timeout_raises_render_error():
 
 @pytest.mark.blender
 def test_memory_cap_raises_render_error():
-    settings = RenderSettings(resolution=32, samples=1, frames=(0,), memory_limit_gb=0.25)
+    settings = RenderSettings(resolution=32, samples=1, frames=(0,), memory_limit_gb=0.1, timeout_s=120)
     with pytest.raises(RenderError) as info:
         render_object(ASSETS / "Duck.glb", "small", settings)
     assert info.value.reason == "worker_crashed" and "memory limit" in str(info.value)
