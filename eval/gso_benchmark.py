@@ -160,12 +160,14 @@ def evaluate_object(model, obj: gso.GSOObject, args, lpips_metric, device) -> tu
     gt = ground_truth_views(orbit, cfg.resolution, float(cfg.background))
     target = (gt["images"] + 1) / 2
     seed = object_seed(args.seed, obj.name)
-    variants = [(VARIANT_FEEDBACK_ON, cfg.feedback, contextlib.nullcontext()),
-                (VARIANT_FEEDBACK_OFF, "none", zero_feedback(model))]  # fmt: skip
+    # Without feedback, intermediate reconstructions are useless: feedback_every = steps keeps
+    # only step 0's and the last one (sample() always reconstructs at both).
+    variants = [(VARIANT_FEEDBACK_ON, cfg.feedback, args.feedback_every, contextlib.nullcontext()),
+                (VARIANT_FEEDBACK_OFF, "none", args.steps, zero_feedback(model))]  # fmt: skip
     rows, strip_rows = [], [target]
-    for variant, mode, switch in variants:
+    for variant, mode, every, switch in variants:
         with switch:
-            out = generate(model, gt, args.steps, args.feedback_every, seed, device)
+            out = generate(model, gt, args.steps, every, seed, device)
         mv = image_metrics(out["views"], target, lpips_metric)
         gs = image_metrics(out["renders"], target, lpips_metric)
         row = dict(object=obj.name, variant=variant, feedback=mode,
