@@ -42,7 +42,9 @@ def build_on_meta(name: str, **overrides):
         return Ouroboros3D.from_config(preset(name, **overrides))
 
 
-def summary(name: str, feedback: str | None = None, out=sys.stdout) -> dict[str, int]:
+def summary(name: str, feedback: str | None = None, out=None) -> dict[str, int]:
+    """Print (to ``out``, default stdout) and return the per-part counts of a preset."""
+    out = out or sys.stdout
     overrides = {} if feedback is None else {"feedback": feedback}
     counts = parameter_counts(build_on_meta(name, **overrides))
     print(f"Ouroboros3D preset '{name}'" + (f" (feedback={feedback})" if feedback else ""), file=out)
