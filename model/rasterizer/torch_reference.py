@@ -10,7 +10,8 @@ Steps (Kerbl et al. 2023, "3D Gaussian Splatting", Sec. 4 and 6; Zwicker et al. 
    ``T_i = prod_{j<i} (1 - alpha_j)`` (:func:`composite`).
 
 Pixels are processed tile by tile; a tile sees only the Gaussians whose footprint reaches it,
-so memory is O(tile pixels x Gaussians per tile), never O(H W N).
+so memory is O(tile pixels x Gaussians per tile), never O(H W N); with gradients, each tile is
+checkpointed (recomputed in backward), so autograd holds O(tiles x Gaussians per tile) inputs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from model.gaussians import RGB, XYZ, covariance_3d
 
@@ -132,6 +134,18 @@ def gaussian_alpha(
     return torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
 
 
+def render_tile(pixels, means2d, conics, opacity, values) -> torch.Tensor:
+    """One tile: per-pixel alphas of its Gaussians (depth-sorted) composited front to back.
+
+    Args:
+        pixels: [P, 2].  means2d: [n, 2].  conics: [n, 2, 2].  opacity: [n].  values: [n, C].
+    Returns:
+        [P, C + 1]: accumulated values, then the final transmittance.
+    """
+    acc, trans = composite(gaussian_alpha(pixels, means2d, conics, opacity), values)
+    return torch.cat([acc, trans[:, None]], 1)
+
+
 def render_view(
     g: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, height: int, width: int,
     background: torch.Tensor, tile_size: int = 8,
@@ -191,10 +205,14 @@ def render_view(
         cols = torch.arange(tx * tile_size, min((tx + 1) * tile_size, width), device=device)
         ids = (rows[:, None] * width + cols[None, :]).reshape(-1)
         pixels = torch.stack([ids % width, ids // width], -1).to(dtype) + 0.5
-        alpha = gaussian_alpha(pixels, means2d[idx], conics[idx], opacity[idx])
-        acc, trans = composite(alpha, values[idx])
+        args = (pixels, means2d[idx], conics[idx], opacity[idx], values[idx])
+        if torch.is_grad_enabled() and g.requires_grad:
+            # Keep only the tile's inputs for backward and recompute its [P, n] terms there:
+            # autograd memory stays O(tile x Gaussians in the tile), not O(all overlaps).
+            results.append(checkpoint(render_tile, *args, use_reentrant=False))
+        else:
+            results.append(render_tile(*args))
         pixel_ids.append(ids)
-        results.append(torch.cat([acc, trans[:, None]], 1))
 
     # 7 values + transmittance per pixel; pixels no Gaussian reaches keep (0, ..., 0, 1).
     out = torch.zeros(height * width, 8, dtype=dtype, device=device)
