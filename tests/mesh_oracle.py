@@ -36,7 +36,7 @@ def load_world_mesh(mesh_path, scale: float, offset, obj_up_axis: str = "y") -> 
     mesh = trimesh.load(str(mesh_path), force="mesh", process=False)
     axes = expected_axes(mesh_path, obj_up_axis)
     vertices = scale * np.asarray(mesh.vertices, dtype=np.float64) @ axes.T + np.asarray(offset)
-    return trimesh.Trimesh(vertices=vertices, faces=mesh.faces, process=False)
+    return trimesh.Trimesh(vertices=vertices, faces=mesh.faces, visual=mesh.visual, process=False)
 
 
 def cast_rays(mesh: trimesh.Trimesh, c2w, K, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,6 +44,16 @@ def cast_rays(mesh: trimesh.Trimesh, c2w, K, height: int, width: int) -> tuple[n
 
     Returns:
         hit [H, W] bool, points [H, W, 3] world coordinates (NaN where no hit).
+    """
+    hit, points, _ = cast_rays_faces(mesh, c2w, K, height, width)
+    return hit, points
+
+
+def cast_rays_faces(mesh: trimesh.Trimesh, c2w, K, height: int, width: int):
+    """:func:`cast_rays` plus the index of the triangle each ray hits first (-1: none).
+
+    Returns:
+        hit [H, W] bool, points [H, W, 3], faces [H, W] int.
     """
     origins, dirs = C.camera_rays(c2w, K, height, width)
     origin = origins[0, 0]
@@ -64,12 +74,18 @@ def cast_rays(mesh: trimesh.Trimesh, c2w, K, height: int, width: int) -> tuple[n
     u = lo[tri_id, 0] + local % nu[tri_id]
     v = lo[tri_id, 1] + local // nu[tri_id]
     t = moller_trumbore(origin, dirs[v, u], tri[tri_id])
-    best = np.full((height, width), np.inf)
-    np.minimum.at(best, (v, u), t)
+    meets = np.isfinite(t)
+    pixel, t, tri_id = (v * width + u)[meets], t[meets], tri_id[meets]
+    order = np.lexsort((t, pixel))  # per pixel, nearest first
+    first = order[np.r_[True, pixel[order][1:] != pixel[order][:-1]]] if len(order) else order
+    best = np.full(height * width, np.inf)
+    faces = np.full(height * width, -1)
+    best[pixel[first]], faces[pixel[first]] = t[first], tri_id[first]
+    best, faces = best.reshape(height, width), faces.reshape(height, width)
     hit = np.isfinite(best)
     points = np.full((height, width, 3), np.nan)
     points[hit] = origin + best[hit, None] * dirs[hit]
-    return hit, points
+    return hit, points, faces
 
 
 def moller_trumbore(origin, dirs, tri, eps: float = 1e-12) -> np.ndarray:
@@ -92,6 +108,38 @@ def moller_trumbore(origin, dirs, tri, eps: float = 1e-12) -> np.ndarray:
     t = np.einsum("ij,ij->i", e2, q) * inv
     ok &= (b1 >= 0) & (b2 >= 0) & (b1 + b2 <= 1) & (t > 0)
     return np.where(ok, t, np.inf)
+
+
+def texture_colours(mesh: trimesh.Trimesh, faces: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Base-colour texel (sRGB in [0, 1], nearest) at surface points, from the mesh's UVs.
+
+    Args:
+        faces: [P] triangle indices.  points: [P, 3] points on those triangles.
+    Returns:
+        [P, 3]
+    """
+    material = mesh.visual.material
+    image = (getattr(material, "baseColorTexture", None) or material.image).convert("RGB")
+    texels = np.asarray(image, dtype=np.float64) / 255
+    bary = trimesh.triangles.points_to_barycentric(mesh.triangles[faces], points)
+    uv = np.einsum("pk,pkj->pj", bary, np.asarray(mesh.visual.uv)[mesh.faces[faces]])
+    h, w = texels.shape[:2]
+    uv = np.mod(uv, 1.0)  # glTF/OBJ default wrap mode: repeat
+    cols = np.clip((uv[:, 0] * w).astype(int), 0, w - 1)
+    rows = np.clip(((1.0 - uv[:, 1]) * h).astype(int), 0, h - 1)  # v = 0 is the image's bottom row
+    return texels[rows, cols]
+
+
+def interior_colours(rgba, c2w, K, mesh, erosion: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Rendered colours and the texels under them, on the opaque interior eroded by ``erosion``.
+
+    Returns:
+        rendered [P, 3], texels [P, 3], sRGB in [0, 1].
+    """
+    h, w = rgba.shape[:2]
+    hit, points, faces = cast_rays_faces(mesh, c2w, K, h, w)
+    interior = ndimage.binary_erosion((rgba[..., 3] == 255) & hit, iterations=erosion)
+    return rgba[interior, :3] / 255, texture_colours(mesh, faces[interior], points[interior])
 
 
 @dataclass
