@@ -1,9 +1,11 @@
 """Evaluation timings: metrics per object (8 views) and ground-truth rendering per GSO object.
 
     python bench/bench_eval.py [--resolution 512] [--render-resolution 128] [--render-samples 16]
+        [--checkpoint EXPORT_DIR --steps 2]
 
 Prints one line per measurement (median of --repeats runs). The rendering measurement arranges
-the shared asset spot.obj in GSO layout, as tests/test_gso_benchmark.py does.
+the shared asset spot.obj in GSO layout, as tests/test_gso_benchmark.py does; with
+--checkpoint, one whole benchmark object (ground truth, both variants, metrics) is timed too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main() -> None:
     p.add_argument("--render-samples", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--checkpoint", type=Path, default=None)
+    p.add_argument("--steps", type=int, default=2)
     args = p.parse_args()
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
@@ -51,7 +55,7 @@ def main() -> None:
     print(f"LPIPS-VGG 8 views {r}px: {timed(lambda: lp(a, b), args.repeats):.3f} s")
 
     from eval import gso
-    from eval.gso_benchmark import render_ground_truth
+    from eval.gso_benchmark import evaluate_object, parse_args, render_ground_truth
     from tests.test_gso_benchmark import ASSETS, _checker, _write_gso_object
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,6 +64,19 @@ def main() -> None:
         t = timed(lambda: render_ground_truth(obj, args.render_resolution, args.render_samples,
                                               "auto"), 1)  # fmt: skip
         print(f"GT render, 8 frames {args.render_resolution}px {args.render_samples} spp: {t:.1f} s")
+        if args.checkpoint is not None:
+            from model.ouroboros import Ouroboros3D
+
+            model = Ouroboros3D.from_pretrained(args.checkpoint).to(dev).eval()
+            bench_args = parse_args(["--gso-root", tmp, "--checkpoint", str(args.checkpoint),
+                                     "--output", tmp, "--steps", str(args.steps),
+                                     "--render-samples", str(args.render_samples)])  # fmt: skip
+            start = time.perf_counter()
+            rows, _ = evaluate_object(model, obj, bench_args, lp, dev)
+            total = time.perf_counter() - start
+            print(f"benchmark object ({model.config.name} preset, {model.config.resolution}px, "
+                  f"{args.steps} steps): {total:.1f} s, sample() "
+                  + ", ".join(f"{r['variant']} {r['seconds']:.1f} s" for r in rows))  # fmt: skip
 
 
 if __name__ == "__main__":
