@@ -252,7 +252,10 @@ def render_object(mesh_path, uid: str, settings: RenderSettings = RenderSettings
         RenderError on any failure (bad file, no faces, timeout, crash).
     """
     mesh_path = Path(mesh_path).resolve()
-    C.sample_key(uid, 0)  # uid must be usable as a shard key
+    try:
+        C.sample_key(uid, 0)  # the uid must be usable as a shard key
+    except ValueError as exc:
+        raise RenderError("bad_uid", f"{mesh_path}: {exc}") from None
     check_mesh_file(mesh_path)
     orbits = [orbit_cameras(uid, k, settings) for k in range(settings.num_orbits)]
     with tempfile.TemporaryDirectory(prefix="render_") as tmp:

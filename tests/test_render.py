@@ -194,6 +194,12 @@ def test_bad_input_raises_render_error(tmp_path, make, reason):
     assert str(tmp_path) in str(info.value)
 
 
+def test_uid_that_cannot_be_a_shard_key_raises_render_error():
+    with pytest.raises(RenderError) as info:
+        render_object(ASSETS / "Duck.glb", "has.dot", FAST)
+    assert info.value.reason == "bad_uid"
+
+
 @pytest.mark.blender
 def test_timeout_raises_render_error():
     settings = RenderSettings(resolution=64, samples=1, frames=(0,), timeout_s=0.5)
