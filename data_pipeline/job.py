@@ -34,7 +34,12 @@ from data_pipeline.sources import ObjectRecord, file_sha256, resolve_path
 MANIFEST_NAME = "manifest.parquet"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 SUMMARY_NAME = "job_summary.json"
-FAILURE_FLUSH_S = 30.0  # failures alone rewrite the manifest at most this often
+# The manifest is rewritten whole while rendering at most every MANIFEST_FLUSH_S seconds, or
+# every MANIFEST_WRITE_RATIO times as long as a write took (large manifests: Objaverse's 800K
+# rows take seconds), and at the end. A shard finished in between and not yet recorded is
+# adopted by the next run (reconcile_shards).
+MANIFEST_FLUSH_S = 10.0
+MANIFEST_WRITE_RATIO = 10.0
 CLUSTER_IN_FLIGHT = 1024
 
 
@@ -234,16 +239,25 @@ def _render_all(ray, todo, rows, config, manifest_path):
     queue, in_flight = list(reversed(todo)), {}
     unrecorded: dict[str, TaskResult] = {}  # rendered, in the open shard, not yet in the manifest
     rendered, failed, seconds = 0, 0, []
-    last_write = time.monotonic()
-    dirty = False
+    last_write, write_cost, dirty = time.monotonic(), 0.0, False
+
+    def flush(force: bool = False) -> None:
+        nonlocal last_write, write_cost, dirty
+        wait = max(MANIFEST_FLUSH_S, MANIFEST_WRITE_RATIO * write_cost)
+        if dirty and (force or time.monotonic() - last_write >= wait):
+            start = time.monotonic()
+            write_manifest(manifest_path, rows.values())
+            last_write, write_cost, dirty = time.monotonic(), time.monotonic() - start, False
 
     def commit(closed) -> None:
+        """Objects of a shard that is complete under its final name become done."""
+        nonlocal dirty
         for uid in closed.uids:
             result = unrecorded.pop(uid)
             rows[uid].update(status="done", reason=None, shard=closed.path.name,
                              attempts=rows[uid].attempts + 1, render_seconds=result.seconds,
                              size=result.size, sha256=result.sha256)
-        write_manifest(manifest_path, rows.values())
+        dirty = True
 
     progress = tqdm(total=len(todo), desc="render", unit="obj", dynamic_ncols=True)
     with ShardWriter(config.output, config.per_shard) as writer:
@@ -265,7 +279,6 @@ def _render_all(ray, todo, rows, config, manifest_path):
                 result.samples = None
                 if closed:
                     commit(closed)
-                    last_write, dirty = time.monotonic(), False
             else:
                 failed += 1
                 row = rows[record.uid]
@@ -273,14 +286,13 @@ def _render_all(ray, todo, rows, config, manifest_path):
                            render_seconds=result.seconds)
                 dirty = True
                 tqdm.write(f"failed {record.uid}: {result.reason}")
-            if dirty and time.monotonic() - last_write > FAILURE_FLUSH_S:
-                write_manifest(manifest_path, rows.values())
-                last_write, dirty = time.monotonic(), False
+            flush()
             progress.update(1)
             progress.set_postfix(done=rendered, failed=failed)
         closed = writer.close()
     progress.close()
     if closed:
         commit(closed)
-    write_manifest(manifest_path, rows.values())
+    dirty = True
+    flush(force=True)
     return rendered, failed, seconds

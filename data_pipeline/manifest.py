@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -109,8 +109,8 @@ def write_manifest(path: str | Path, rows: Iterable[ManifestRow]) -> None:
     """Write all rows (sorted by uid) atomically: temporary file, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    items = [asdict(row) for row in sorted(rows, key=lambda r: r.uid)]
-    columns = {f.name: [item[f.name] for item in items] for f in fields(ManifestRow)}
+    ordered = sorted(rows, key=lambda r: r.uid)
+    columns = {name: [getattr(row, name) for row in ordered] for name in SCHEMA.names}
     table = pa.Table.from_pydict(columns, schema=SCHEMA)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
