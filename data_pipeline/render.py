@@ -169,18 +169,6 @@ def ccm_from_depth(depth: np.ndarray, alpha: np.ndarray, K: np.ndarray, c2w: np.
 
 
 # ----------------------------------------------------------------------------- worker
-def _limit_memory(limit_bytes: int):
-    """Child set-up: its own process group (killed as a whole on timeout) and a memory cap.
-
-    The cap is RLIMIT_DATA (heap, anonymous and private writable mappings), not RLIMIT_AS:
-    CUDA/OptiX reserve large inaccessible address ranges that an address-space cap refuses.
-    """
-    def preexec():
-        os.setsid()
-        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
-    return preexec
-
-
 def _tail(path: Path) -> str:
     text = path.read_text(errors="replace") if path.exists() else ""
     return text[-_LOG_TAIL_CHARS:]
@@ -201,12 +189,21 @@ def run_worker(job: dict, workdir: Path, settings: RenderSettings) -> tuple[dict
     job_path.write_text(json.dumps(job))
     log_path = workdir / "worker.log"
     mesh = job["mesh_path"]
+    limit = int(settings.memory_limit_gb * 2**30)
     with log_path.open("wb") as log:
+        # Own session: a timeout kills the whole process group. No preexec_fn (unsafe in
+        # threaded callers such as Ray workers): the cap is set on the child right after
+        # it starts, long before Blender loads. RLIMIT_DATA (heap, anonymous and private
+        # writable mappings), not RLIMIT_AS: CUDA/OptiX reserve large inaccessible address
+        # ranges that an address-space cap refuses.
         proc = subprocess.Popen(
             [sys.executable, "-m", "data_pipeline.blender_worker", str(job_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-            preexec_fn=_limit_memory(int(settings.memory_limit_gb * 2**30)),
+            stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
         )
+        try:
+            resource.prlimit(proc.pid, resource.RLIMIT_DATA, (limit, limit))
+        except ProcessLookupError:
+            pass  # already gone: judged by its output below
         try:
             returncode = proc.wait(timeout=settings.timeout_s)
         except subprocess.TimeoutExpired:
