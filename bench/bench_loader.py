@@ -1,0 +1,101 @@
+"""Loader throughput: samples/s of training.loader on 512 px shards (8 RGBA + 8 CCM frames decoded).
+
+    python bench/bench_loader.py [--shards DIR] [--resolution 512] [--model-resolution 512]
+        [--samples 24] [--workers 0 1 2]
+
+Without ``--shards`` it writes synthetic shards in the DESIGN section 3 format: an object disc
+with a smooth colour gradient plus 8-bit noise (so PNG compression is no easier than on a
+render), CCM with a gradient. ``--workers 0`` measures one process (= the rate of one worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import webdataset as wds  # noqa: E402
+
+from data_pipeline import conventions as cv  # noqa: E402
+from training.loader import LoaderConfig, StreamingLoader  # noqa: E402
+
+
+def synthetic_sample(uid: str, size: int, rng: np.random.Generator) -> dict:
+    def png(image):
+        code = cv2.COLOR_RGBA2BGRA if image.shape[2] == 4 else cv2.COLOR_RGB2BGR
+        return cv2.imencode(".png", cv2.cvtColor(image, code))[1].tobytes()
+
+    def npy(a):
+        f = io.BytesIO()
+        np.save(f, a)
+        return f.getvalue()
+
+    elevation, azimuth0 = cv.draw_orbit(uid, 0)
+    c2w = cv.orbit_c2w(elevation, cv.orbit_azimuths(azimuth0)).astype(np.float32)
+    K = np.repeat(cv.intrinsics(cv.DEFAULT_FOV_DEG, size)[None], 16, 0).astype(np.float32)
+    v, u = np.mgrid[0:size, 0:size] / size
+    inside = (u - 0.5) ** 2 + (v - 0.5) ** 2 < 0.35**2
+    sample = {"__key__": cv.sample_key(uid, 0), "cameras.npy": npy(c2w), "intrinsics.npy": npy(K),
+              "json": json.dumps(dict(uid=uid, orbit=0, resolution=size)).encode()}
+    for i in range(16):
+        base = np.stack([u, v, (u + v + i / 16) % 1], -1) * 200
+        rgb = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+        rgba = np.concatenate([rgb, (inside * 255).astype(np.uint8)[..., None]], -1)
+        ccm = np.stack([u, v, np.full_like(u, i / 16)], -1)
+        sample[f"{i:02d}.rgba.png"] = png(rgba)
+        sample[f"{i:02d}.ccm.png"] = png(cv.encode_ccm_png(ccm, inside))
+    return sample
+
+
+def write_synthetic(folder: Path, count: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(folder / "shard-000000.tar")) as sink:
+        for n in range(count):
+            sink.write(synthetic_sample(f"bench{n}", size, rng))
+
+
+def measure(pattern: str, resolution: int, workers: int, samples: int) -> float:
+    cfg = LoaderConfig(resolution=resolution, batch_size=1, num_workers=workers, shuffle_buffer=4,
+                       shuffle_initial=1)
+    it = iter(StreamingLoader(pattern, cfg))
+    for _ in range(max(workers, 1)):  # warm up: worker start-up is not throughput
+        next(it)
+    start = time.perf_counter()
+    for _ in range(samples):
+        next(it)
+    return samples / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", help="existing shards (pattern); default: synthetic")
+    p.add_argument("--resolution", type=int, default=512, help="synthetic shard resolution")
+    p.add_argument("--model-resolution", type=int, default=512)
+    p.add_argument("--samples", type=int, default=24)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        pattern = args.shards
+        if pattern is None:
+            write_synthetic(Path(tmp), args.samples + 4, args.resolution)
+            pattern = tmp
+            size = os.path.getsize(Path(tmp) / "shard-000000.tar") / (args.samples + 4)
+            print(f"synthetic shard: {args.resolution} px, {size / 1e6:.1f} MB per sample")
+        print(f"machine: {os.cpu_count()} CPU cores; model resolution {args.model_resolution}")
+        for w in args.workers:
+            rate = measure(pattern, args.model_resolution, w, args.samples)
+            per = rate / max(w, 1)
+            print(f"workers={w}: {rate:.2f} samples/s ({per:.2f} per worker)")
+
+
+if __name__ == "__main__":
+    main()
