@@ -1,5 +1,6 @@
 """Manifest: Parquet round trip, atomic writes, merge for resume, reconciling with shards."""
 
+import dataclasses
 import datetime as dt
 
 import pyarrow.parquet as pq
@@ -39,6 +40,7 @@ def test_round_trip_keeps_every_field(tmp_path):
     assert back["b"] == rows[0]
     assert back["a"].reason == "not_gltf: bad magic" and back["a"].size is None and back["a"].attempts == 2
     assert status_counts(back.values()) == {"filtered": 1, "pending": 0, "done": 1, "failed": 1}
+    assert [f.name for f in dataclasses.fields(ManifestRow)] == SCHEMA.names  # read relies on it
 
 
 def test_bad_manifests_are_named(tmp_path):
