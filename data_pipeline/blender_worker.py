@@ -300,10 +300,25 @@ def add_cameras(c2w_opencv: np.ndarray) -> None:
         CameraUtility.add_camera_pose(pose, frame=i)
 
 
-def render_pass(samples: int, filter_width: float, denoise: bool) -> dict:
+def set_denoiser(denoise: bool, device: str) -> None:
+    """Cycles' own denoiser (guided by albedo and normal): OptiX's on an OptiX device, else
+    Open Image Denoise, on the GPU when rendering there.
+
+    Not BlenderProc's "INTEL" compositor node, which always runs Open Image Denoise on the CPU.
+    """
+    RendererUtility.set_denoiser(None)  # removes BlenderProc's compositor denoiser, if any
+    cycles = bpy.context.scene.cycles
+    cycles.use_denoising = denoise
+    bpy.context.view_layer.cycles.use_denoising = denoise
+    if denoise:
+        cycles.denoiser = "OPTIX" if device == "OPTIX" else "OPENIMAGEDENOISE"
+        cycles.denoising_use_gpu = device != "CPU"
+
+
+def render_pass(samples: int, filter_width: float, denoise: bool, device: str) -> dict:
     """Render every registered frame with the given sampling; BlenderProc's outputs dict."""
     RendererUtility.set_max_amount_of_samples(samples)
-    RendererUtility.set_denoiser("INTEL" if denoise else None)
+    set_denoiser(denoise, device)
     bpy.context.scene.cycles.filter_width = filter_width
     return RendererUtility.render(verbose=False)
 
@@ -332,9 +347,9 @@ def render_job(job: dict) -> tuple[dict, dict]:
     RendererUtility.enable_depth_output(activate_antialiasing=False)
     # Geometry pass: one sample at the pixel centre -> exact z-depth of the centre ray.
     bpy.context.scene.cycles.max_bounces = 0
-    geometry = render_pass(samples=1, filter_width=GEOMETRY_FILTER_WIDTH, denoise=False)
+    geometry = render_pass(samples=1, filter_width=GEOMETRY_FILTER_WIDTH, denoise=False, device=device)
     bpy.context.scene.cycles.max_bounces = LIGHT_BOUNCES["max_bounces"]
-    beauty = render_pass(job["samples"], BEAUTY_FILTER_WIDTH, job["denoise"])
+    beauty = render_pass(job["samples"], BEAUTY_FILTER_WIDTH, job["denoise"], device)
 
     depth = np.stack([d[..., 0] if d.ndim == 3 else d for d in geometry["depth"]]).astype(np.float32)
     depth[~np.isfinite(depth) | (depth >= CLIP_END)] = np.inf

@@ -91,7 +91,9 @@ def test_obj_up_axis_z_keeps_file_axes():
 @pytest.mark.blender
 @pytest.mark.parametrize("kind", ["glb", "ply"])
 def test_render_matches_ray_cast_procedural(procedural_files, kind):
-    orbits, _ = _check_against_oracle(procedural_files[kind], uid=f"procedural_{kind}")
+    """The .glb case also runs the denoiser: it must leave alpha (and so the CCM) intact."""
+    settings = dataclasses.replace(FAST, denoise=kind == "glb")
+    orbits, _ = _check_against_oracle(procedural_files[kind], f"procedural_{kind}", settings)
     if kind == "glb":  # vertex colours come through: the box is red, the ball blue
         rgba = np.concatenate([o.rgba for o in orbits]).reshape(-1, 4)
         solid = rgba[rgba[:, 3] == 255, :3].astype(float)
