@@ -151,23 +151,38 @@ def test_cluster_config_is_valid_for_the_ray_launcher():
     assert proc.returncode == 0 and "--ray-address" in proc.stdout and "--source" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.blender
-def test_render_task_fetches_objaverse_objects_through_the_package(objaverse_cache):
+def test_objaverse_job_downloads_in_the_workers_and_records_filtered_objects(objaverse_cache, tmp_path):
+    """The CLI on Objaverse: the driver filters through the package, the Ray workers fetch the
+    objects with objaverse.load_objects from their (HOME-based) cache, filtered objects get rows."""
     import hashlib
 
+    home = objaverse_cache.parent.parent  # objaverse.BASE_PATH = ~/.objaverse
+    uid = {name: hashlib.md5(name.encode()).hexdigest() for name in ("mug", "grey_bust", "tiny_cube")}
+    out = tmp_path / "job"
+    args = ["render", "--source", "objaverse", "--uids", *uid.values(), "--output", str(out),
+            "--resolution", "32", "--samples", "1", "--workers", "1"]
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline", *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=600, env={**os.environ, "HOME": str(home)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = read_manifest(out / "manifest.parquet")
+    mug = rows[uid["mug"]]
+    glb = objaverse_cache / "glbs" / "000-000" / f"{uid['mug']}.glb"
+    assert mug.status == "done" and mug.sha256 == hashlib.sha256(glb.read_bytes()).hexdigest()
+    assert mug.path.startswith("https://huggingface.co/datasets/allenai/objaverse/")
+    assert (rows[uid["grey_bust"]].status, rows[uid["grey_bust"]].reason) == ("filtered", "no texture")
+    assert (rows[uid["tiny_cube"]].status, rows[uid["tiny_cube"]].reason) == ("filtered", "too few faces")
+    assert sorted(all_keys(out)) == [f"{uid['mug']}_o0", f"{uid['mug']}_o1"]
+    (sample,) = [decode_sample(raw) for raw in iter_shard(out / mug.shard) if raw["__key__"].endswith("_o0")]
+    assert sample["meta"]["source"] == "objaverse" and sample["rgba"].shape == (16, 32, 32, 4)
+    assert (out / "filter_summary.json").is_file()
+
+
+def test_render_task_records_objects_it_cannot_fetch(objaverse_cache):
     from data_pipeline.job import render_task
     from data_pipeline.render import RenderSettings
-    from data_pipeline.sources import ObjectRecord, objaverse_objects
-
-    uid = hashlib.md5(b"mug").hexdigest()
-    (record,), _, _ = objaverse_objects(uids=[uid])
-    result = render_task(record, RenderSettings(resolution=32, samples=1))
-    assert result.ok, result.reason
-    glb = objaverse_cache / "glbs" / "000-000" / f"{uid}.glb"
-    assert result.sha256 == hashlib.sha256(glb.read_bytes()).hexdigest() and result.size == glb.stat().st_size
-    assert [s["__key__"] for s in result.samples] == [f"{uid}_o0", f"{uid}_o1"]
-    sample = decode_sample(result.samples[1])
-    assert sample["meta"]["source"] == "objaverse" and sample["rgba"].shape == (16, 32, 32, 4)
+    from data_pipeline.sources import ObjectRecord
 
     with pytest.warns(UserWarning):  # objaverse warns about the unknown uid
         missing = render_task(ObjectRecord("f" * 32, "objaverse", "https://example/x.glb"),
