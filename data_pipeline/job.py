@@ -1,11 +1,12 @@
 """The render job: objects -> Ray tasks (one per object, Blender in its own process) -> shards
 written by the driver as results arrive -> manifest.
 
-Durability: a shard is renamed to its final name only when complete, and the manifest marks
-its objects ``done`` right after. A kill between the two leaves a finished shard that no row
-names: the next run adopts it (its objects become ``done``) instead of rendering them again,
-so samples are never duplicated; samples of a shard that was still open were never committed
-and their objects are simply rendered again.
+Durability: a shard is renamed to its final name only when complete, and only then does the
+manifest mark its objects ``done`` (the manifest file is rewritten soon after, see
+MANIFEST_FLUSH_S). A kill in between leaves a finished shard that no row names: the next run
+adopts it (its objects become ``done``) instead of rendering them again, so samples are never
+duplicated; samples of a shard that was still open were never committed and their objects
+are simply rendered again.
 """
 
 from __future__ import annotations
