@@ -62,6 +62,41 @@ def test_isotropic_gaussian_renders_its_analytic_footprint():
     np.testing.assert_allclose(out["depth"][0, 0, 0].numpy()[alpha > 0], D)
 
 
+def test_rotated_anisotropic_gaussian_matches_a_numerical_ewa_reference():
+    """Off-centre, rotated, anisotropic: alpha equals o exp(-0.5 d^T S^-1 d) with
+    S = J Sigma J^T + 0.3 I, J the finite-difference Jacobian of the pinhole projection."""
+    size, opacity = 40, 0.9
+    c2w = C.orbit_c2w(25.0, [40.0])[0]
+    K = C.intrinsics(35.0, size)
+    mean = np.array([0.15, -0.1, 0.2])
+    scale = np.array([0.12, 0.03, 0.06])
+    quat = np.array([0.8, 0.3, -0.4, 0.33])
+    quat /= np.linalg.norm(quat)
+    w, x, y, z = quat
+    R = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                  [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                  [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])  # fmt: skip
+    sigma = R @ np.diag(scale**2) @ R.T
+    w2c = np.linalg.inv(c2w)
+
+    def project(p):
+        q = K @ (w2c[:3, :3] @ p + w2c[:3, 3])
+        return q[:2] / q[2]
+
+    h = 1e-6
+    J = np.stack([(project(mean + h * e) - project(mean - h * e)) / (2 * h) for e in np.eye(3)], 1)
+    S = J @ sigma @ J.T + LOW_PASS * np.eye(2)
+    v, u = np.mgrid[0:size, 0:size] + 0.5
+    d = np.stack([u, v], -1) - project(mean)
+    expected = opacity * np.exp(-0.5 * np.einsum("hwi,ij,hwj->hw", d, np.linalg.inv(S), d))
+    expected[expected < 1 / 255] = 0.0
+
+    g = gaussians(mean, opacity, scale, [0.2, 0.4, 0.6], quat)
+    out = render_gaussians(g, torch.tensor(c2w)[None, None], torch.tensor(K)[None, None], size, size)
+    np.testing.assert_allclose(out["alpha"][0, 0, 0].numpy(), expected, atol=1e-6)
+    assert (expected > 0.5).sum() >= 10 and np.linalg.cond(S) > 3  # a real, elongated footprint
+
+
 def test_front_gaussian_occludes_back_one_whatever_the_input_order():
     size = 17
     c2w, K = front_camera(size)
