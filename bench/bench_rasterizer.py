@@ -6,6 +6,7 @@ Each configuration runs in a fresh process so that its peak resident memory (CPU
 
     .venv/bin/python bench/bench_rasterizer.py --threads 1         # full table
     .venv/bin/python bench/bench_rasterizer.py --sizes 64 128 --counts 1024
+    .venv/bin/python bench/bench_rasterizer.py --sizes 64 --counts 1024 --picture docs/images/rasterizer_duck.png
 """
 
 from __future__ import annotations
@@ -74,6 +75,41 @@ def run_one(size: int, n: int, backend: str, device: str, repeats: int, threads:
     queue.put((times["forward"], times["forward+backward"], peak))
 
 
+def save_picture(path: str, size: int = 256) -> None:
+    """Render Gaussians sampled on /work/shared/assets/Duck.glb (coloured by normal) from 4
+    views; save rows rgb | alpha | depth | ccm as one PNG, to look at."""
+    import numpy as np
+    import trimesh
+    from PIL import Image
+
+    from model.rasterizer import render_gaussians
+
+    mesh = trimesh.load("/work/shared/assets/Duck.glb", force="mesh")
+    scale, offset = C.normalization_from_bounds(*mesh.bounds)
+    mesh.apply_scale(scale)
+    mesh.apply_translation(offset)
+    points, faces = trimesh.sample.sample_surface(mesh, 65536, seed=0)
+    n = len(points)
+    g = torch.zeros(1, n, 14)
+    g[0, :, 0:3] = torch.tensor(points, dtype=torch.float32)
+    g[0, :, 3] = 0.9
+    g[0, :, 4:7] = 0.006
+    g[0, :, 7] = 1.0
+    g[0, :, 11:14] = torch.tensor(mesh.face_normals[faces] * 0.5 + 0.5, dtype=torch.float32)
+    c2w = torch.tensor(C.orbit_c2w(20.0, [0.0, 90.0, 180.0, 270.0]), dtype=torch.float32)[None]
+    K = torch.tensor(C.intrinsics(C.DEFAULT_FOV_DEG, size), dtype=torch.float32).expand(1, 4, 3, 3)
+    with torch.no_grad():
+        out = render_gaussians(g, c2w, K, size, size, background=1.0)
+    depth = out["depth"]
+    near, far = depth[depth > 0].min(), depth.max()
+    depth = torch.where(depth > 0, (far - depth) / (far - near), torch.zeros_like(depth))
+    rows = [out["rgb"], out["alpha"].expand(-1, -1, 3, -1, -1), depth.expand(-1, -1, 3, -1, -1), out["ccm"]]
+    grid = torch.cat([torch.cat(list(r[0]), 2) for r in rows], 1)  # [3, 4H, 4W]
+    img = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(img).save(path)
+    print(f"wrote {path}: rows rgb | alpha | depth | ccm, columns azimuth 0/90/180/270")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512])
@@ -81,7 +117,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="CPU threads (1 on a shared machine: contended OpenMP threads spin)")
+    parser.add_argument("--picture", help="also save a PNG of a rendered Gaussian Duck here")
     args = parser.parse_args()
+    if args.picture:
+        save_picture(args.picture)
 
     setups = [("torch", "cpu")]
     if torch.cuda.is_available():
