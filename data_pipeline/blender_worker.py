@@ -22,9 +22,11 @@ other steps. The process leaves with ``os._exit`` once its output is flushed, be
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -390,7 +392,20 @@ def main(job_path: str) -> int:
     return 0
 
 
+def die_with_parent() -> None:
+    """Linux: receive SIGKILL when the parent dies, so a killed job leaves no orphan render.
+
+    (The worker runs in its own session so that the parent can kill it on timeout; that also
+    detaches it from the signals the parent's process group gets.)
+    """
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the call above
+        os._exit(1)
+
+
 if __name__ == "__main__":
+    die_with_parent()
     code = main(sys.argv[1])
     sys.stdout.flush()
     sys.stderr.flush()
