@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from data_pipeline.conventions import training_frame_indices
 from eval import gso, report
+from eval.image_to_3d import resolve_device
 from eval.metrics import LPIPSMetric, image_metrics
 
 VARIANT_FEEDBACK_OFF = "two_stage"
@@ -178,12 +179,6 @@ def evaluate_object(model, obj: gso.GSOObject, args, lpips_metric, device) -> tu
         rows.append(row)
         strip_rows += [out["views"], out["renders"]]
     return rows, report.image_strip(strip_rows)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def main(argv=None) -> int:

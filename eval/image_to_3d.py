@@ -206,32 +206,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from model.config import OuroborosConfig
+    from model.ouroboros import CONFIG_NAME
+
     if not 0.1 <= args.fill <= 1.0:
         print(f"error: --fill {args.fill} not in [0.1, 1]", file=sys.stderr)
         return 2
-    try:
+    try:  # every check on the inputs happens before the (slow) model load
         rgba = load_rgba(args.image)
-    except InputImageError as err:
+        cfg = OuroborosConfig.load(args.checkpoint / CONFIG_NAME)
+        prepared = recentre(rgba, cfg.resolution, args.fill, str(args.image))
+    except (InputImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not args.checkpoint.is_dir():
-        print(f"error: checkpoint {args.checkpoint} is not a folder", file=sys.stderr)
         return 2
     from model.gaussians import save_ply
     from model.ouroboros import Ouroboros3D
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    device = resolve_device(args.device)
     model = Ouroboros3D.from_pretrained(args.checkpoint).to(device).eval()
-    cfg = model.config
     bg = float(cfg.background)
-    try:
-        prepared = recentre(rgba, cfg.resolution, args.fill, str(args.image))
-    except InputImageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     cond = condition_image(prepared, bg).to(device)
     c2w, K = view_cameras(cfg.num_views, args.elevation, cfg.resolution)
     generator = torch.Generator(device=device).manual_seed(args.seed)

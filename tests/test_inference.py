@@ -154,3 +154,14 @@ def test_orbit_video_of_gaussians_round_trips(tmp_path):
     assert back.shape == frames.shape
     assert np.abs(back.astype(int) - frames.astype(int)).mean() < 12  # lossy, but the same video
     assert not list(tmp_path.glob(".orbit*"))  # no temporary left behind
+
+
+def test_cli_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
+    path = _save(tmp_path / "disc.png", _disc_rgba(), "RGBA")
+    res = subprocess.run(
+        [sys.executable, "-m", "eval.image_to_3d", "--image", str(path), "--checkpoint",
+         str(tmp_path / "nothing"), "--output", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert "nothing" in res.stderr and "ouroboros_config.json" in res.stderr
