@@ -1,7 +1,6 @@
 """Object sources: local folders, procedural demo objects, GSO-layout export, Objaverse paths."""
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
