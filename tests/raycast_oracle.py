@@ -1,4 +1,5 @@
-"""Ground truth by ray casting with trimesh's ray-triangle intersector.
+"""Test helpers: ground truth by ray casting with trimesh's ray-triangle intersector, and a
+one-thread torch fixture.
 
 trimesh's pure-Python caster wants an ``rtree`` index for its broad phase, and neither
 ``rtree`` nor ``embreex`` is installed here; :class:`BruteForceTree` answers the same
@@ -58,3 +59,17 @@ def first_hits(mesh: trimesh.Trimesh, origins: np.ndarray, directions: np.ndarra
         if 0 < ti < dist[r]:
             dist[r], hits[r] = ti, p
     return hits
+
+
+def one_torch_thread():
+    """Generator for a pytest fixture: run with one torch thread, then restore the setting.
+
+    On the project's 2-core machines shared by several jobs, torch's OpenMP threads spin
+    against each other and small ops get 10-20x slower; results do not depend on it.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

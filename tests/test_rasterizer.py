@@ -8,11 +8,16 @@ import pytest
 import torch
 import trimesh
 from scipy import ndimage
-from raycast_oracle import first_hits, normalised_mesh
+from raycast_oracle import first_hits, normalised_mesh, one_torch_thread
 
 from data_pipeline import conventions as C
 from model.rasterizer import render_gaussians
 from model.rasterizer.torch_reference import LOW_PASS, render_view
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    yield from one_torch_thread()
 
 
 def gaussians(xyz, opacity, scale, rgb, rotation=None, dtype=torch.float64):
@@ -117,9 +122,12 @@ def test_gaussians_behind_the_camera_are_skipped():
     size = 9
     c2w, K = front_camera(size)
     g = gaussians([3.0, 0, 0], 1.0, [0.5] * 3, [1.0, 0, 0])  # behind the camera at x = 2
+    g.requires_grad_(True)
     out = render_gaussians(g, c2w, K, size, size, background=0.25)
     assert out["alpha"].abs().max() == 0
     torch.testing.assert_close(out["rgb"], torch.full_like(out["rgb"], 0.25))
+    out["rgb"].sum().backward()  # an empty view is still differentiable (zero gradient)
+    assert torch.equal(g.grad, torch.zeros_like(g))
 
 
 def test_tiles_do_not_change_the_image():

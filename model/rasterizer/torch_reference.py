@@ -219,6 +219,9 @@ def render_view(
     out[:, 7] = 1.0
     if results:
         out = out.index_copy(0, torch.cat(pixel_ids), torch.cat(results))
+    else:
+        # Nothing on screen: still an output of ``g`` (zero gradient, no backward error).
+        out = out + values[:0].sum()
     out = out.reshape(height, width, 8).permute(2, 0, 1)
     alpha = 1.0 - out[7:8]
     rgb = out[0:3] + out[7:8] * background.to(dtype)[:, None, None]
