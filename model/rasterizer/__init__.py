@@ -52,7 +52,7 @@ def render_gaussians(
         raise ValueError("backend 'gsplat' needs CUDA tensors; use 'torch' on the CPU")
     bg = torch.as_tensor(background, dtype=gaussians.dtype, device=gaussians.device)
     bg = bg.expand(3) if bg.ndim == 0 else bg
-    c2w, K = c2w.to(gaussians.dtype), K.to(gaussians.dtype)
+    c2w, K = c2w.to(gaussians), K.to(gaussians)  # dtype and device of the Gaussians
 
     if backend == "gsplat":
         return gsplat_backend.render(gaussians, c2w, K, height, width, bg)
