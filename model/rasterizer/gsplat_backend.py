@@ -26,6 +26,8 @@ def render(
     """
     from gsplat import rasterization  # imported lazily: it JIT-builds its CUDA extension
 
+    dtype = g.dtype  # gsplat's kernels are float32; results are cast back
+    g, c2w, K, background = g.float(), c2w.float(), K.float(), background.float()
     colors = torch.cat([g[..., RGB], g[..., XYZ] + 0.5], -1)  # [B, N, 6]
     out, alpha, _ = rasterization(
         means=g[..., XYZ].contiguous(),
@@ -45,4 +47,5 @@ def render(
     out = out.permute(0, 1, 4, 2, 3)
     alpha = alpha.permute(0, 1, 4, 2, 3)
     rgb = out[:, :, 0:3] + (1.0 - alpha) * background.to(out.dtype).view(1, 1, 3, 1, 1)
-    return dict(rgb=rgb, alpha=alpha, depth=out[:, :, 6:7], ccm=out[:, :, 3:6])
+    out = dict(rgb=rgb, alpha=alpha, depth=out[:, :, 6:7], ccm=out[:, :, 3:6])
+    return {key: value.to(dtype) for key, value in out.items()}
