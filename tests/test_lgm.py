@@ -109,6 +109,12 @@ def test_official_checkpoint_without_time_keys_loads_strictly(tiny, tmp_path):
         elif not is_time_embedding_key(k):
             assert v.dtype == torch.float32 and torch.equal(v, official[k].float())
 
+    # LGM's training-time LPIPS network, if a file carries it, is not part of the model.
+    save_file({**official, "lpips_loss.net.slice1.0.weight": torch.zeros(2)}, str(tmp_path / "lp.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        LGM.from_pretrained(tmp_path / "lp.safetensors", tiny.config)
+
     broken = dict(official)
     broken.pop("unet.conv_in.weight")
     save_file(broken, str(tmp_path / "missing.safetensors"))
