@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ground-truth render resolution (default: the model's; resized to it)")
     p.add_argument("--render-samples", type=int, default=32, help="Cycles samples per pixel")
     p.add_argument("--render-device", default="auto", help="auto | cpu | cuda | optix")
+    p.add_argument("--obj-up-axis", default="z", choices=("z", "y"),
+                   help="up axis of the OBJ meshes (GSO's are +Z up, as Gazebo loads them)")
     p.add_argument("--device", default="auto", help="model device: auto | cpu | cuda")
     p.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex", "squeeze"))
     p.add_argument("--seed", type=int, default=0)
@@ -78,8 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- ground truth
-def render_ground_truth(obj: gso.GSOObject, resolution: int, samples: int, device: str):
+def render_ground_truth(obj: gso.GSOObject, resolution: int, samples: int, device: str,
+                        obj_up_axis: str = "z"):  # fmt: skip
     """Orbit 0 of a GSO object, only the model's 8 frames (0, 2, ..., 14).
+
+    GSO meshes are +Z up (Gazebo and MuJoCo load them unrotated, standing), hence the default
+    ``obj_up_axis``; the renderer's own default is Blender's +Y-up OBJ convention.
 
     Returns:
         ``data_pipeline.render.OrbitRender`` with F = 8 frames, frame 0 = condition.
@@ -88,7 +94,7 @@ def render_ground_truth(obj: gso.GSOObject, resolution: int, samples: int, devic
 
     settings = RenderSettings(
         resolution=resolution, samples=samples, num_orbits=1, device=device,
-        frames=tuple(int(i) for i in training_frame_indices(0)),
+        obj_up_axis=obj_up_axis, frames=tuple(int(i) for i in training_frame_indices(0)),
     )  # fmt: skip
     return render_object(obj.mesh_path, obj.name, settings, source="gso")[0]
 
@@ -157,7 +163,7 @@ def evaluate_object(model, obj: gso.GSOObject, args, lpips_metric, device) -> tu
     """
     cfg = model.config
     orbit = render_ground_truth(obj, args.resolution or cfg.resolution, args.render_samples,
-                                args.render_device)  # fmt: skip
+                                args.render_device, args.obj_up_axis)  # fmt: skip
     gt = ground_truth_views(orbit, cfg.resolution, float(cfg.background))
     target = (gt["images"] + 1) / 2
     seed = object_seed(args.seed, obj.name)

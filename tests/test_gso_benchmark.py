@@ -22,13 +22,21 @@ map_Kd ../materials/textures/texture.png
 """
 
 
+def _y_up_to_z_up(line: str) -> str:
+    """``v``/``vn`` line of a +Y-up OBJ rewritten +Z-up like GSO's meshes: (x, y, z) -> (x, -z, y)."""
+    tag, x, y, z, *rest = line.split()
+    return " ".join([tag, x, repr(-float(z)), y, *rest])
+
+
 def _write_gso_object(root: Path, name: str, obj_path: Path, texture: Image.Image) -> None:
-    """Arrange a real OBJ mesh in the GSO layout: meshes/model.obj + model.mtl, texture.png."""
+    """Arrange a real (+Y-up) OBJ mesh like a GSO object: +Z up, meshes/model.obj + model.mtl,
+    materials/textures/texture.png."""
     mesh_dir = root / name / "meshes"
     tex_dir = root / name / "materials" / "textures"
     mesh_dir.mkdir(parents=True)
     tex_dir.mkdir(parents=True)
-    lines = [ln for ln in obj_path.read_text().splitlines()
+    lines = [_y_up_to_z_up(ln) if ln.startswith(("v ", "vn ")) else ln
+             for ln in obj_path.read_text().splitlines()
              if not ln.startswith(("mtllib", "usemtl"))]  # fmt: skip
     first_face = next(i for i, ln in enumerate(lines) if ln.startswith("f "))
     lines[first_face:first_face] = ["usemtl material_0"]
