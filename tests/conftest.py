@@ -92,3 +92,25 @@ def objaverse_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(objaverse, "_VERSIONED_PATH", str(versioned))
     monkeypatch.setattr(urllib.request, "urlretrieve", no_network)
     return versioned
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(demo_shards, tmp_path_factory) -> str:
+    """Export folder (``Ouroboros3D.save_pretrained``) of the full tiny preset (feedback adapters
+    + LGM, joint training) after one optimizer step of the real trainer (``training/main.py``,
+    DeepSpeed ZeRO-2 on CPU) on ``demo_shards``. The weights are barely trained: use it to
+    exercise code paths, not to judge quality."""
+    import yaml
+
+    run = tmp_path_factory.mktemp("tiny_checkpoint")
+    cfg = yaml.safe_load((REPO / "training" / "configs" / "tiny.yaml").read_text())
+    cfg.update(max_steps=1, checkpoint_every=1, images_every=1000)
+    cfg["data"]["num_workers"] = 0
+    cfg["optim"].update(total_batch=1, micro_batch=1)
+    (run / "train.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, str(REPO / "training" / "main.py"), "--config", str(run / "train.yaml"),
+           "--data", str(demo_shards), "--output", str(run / "out")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"training/main.py exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return str(run / "out" / "export")
