@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as nnf
 from diffusers import AutoencoderKLTemporalDecoder
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from model.config import ConditioningConfig
@@ -56,7 +57,7 @@ def condition_latent(
     Returns:
         [B, 4, H/8, W/8] (unscaled, as SVD's pipeline concatenates it).
     """
-    noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
+    noise = randn_tensor(image.shape, generator=generator, device=image.device, dtype=image.dtype)
     augmented = (image + noise_aug_strength * noise).to(vae.dtype)
     return vae.encode(augmented).latent_dist.mode()
 

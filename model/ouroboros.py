@@ -51,7 +51,8 @@ class SampleOutput:
 
 def use_self_conditioning(prob: float, generator: torch.Generator | None = None) -> bool:
     """Algorithm 1's coin: feed the 3D feedback of a first pass with probability ``prob`` (0.5)."""
-    return bool(torch.rand(1, generator=generator).item() < prob)
+    device = generator.device if generator is not None else "cpu"
+    return bool(torch.rand(1, generator=generator, device=device).item() < prob)
 
 
 def reconstruction_steps(num_steps: int, feedback_every: int, has_feedback: bool) -> set[int]:
@@ -209,9 +210,12 @@ class Ouroboros3D(nn.Module):
         """
         s = edm.broadcast_sigma(sigma, noisy.dim())
         frames = cond_latent[:, None].expand(-1, noisy.shape[1], -1, -1, -1)
-        model_input = torch.cat([edm.c_in(s) * noisy, frames], dim=2)
-        ids = added_time_ids(self.config.conditioning, noisy.shape[0], noisy.device, noisy.dtype)
-        out = self.denoiser(model_input, edm.c_noise(sigma), embedding, ids, plucker=plucker, feedback=feedback)
+        dtype = self.denoiser.unet.dtype  # the network may run in half precision, EDM in fp32
+        model_input = torch.cat([edm.c_in(s) * noisy, frames], dim=2).to(dtype)
+        ids = added_time_ids(self.config.conditioning, noisy.shape[0], noisy.device, dtype)
+        out = self.denoiser(
+            model_input, edm.c_noise(sigma), embedding.to(dtype), ids, plucker=plucker, feedback=feedback
+        )
         return edm.denoise(out.to(noisy.dtype), noisy, s)
 
     def reconstruct(self, images: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, c_noise: torch.Tensor):
@@ -226,7 +230,9 @@ class Ouroboros3D(nn.Module):
         idx = list(self.config.lgm_input_views)
         views = ((images[:, idx] + 1.0) / 2.0).clamp(0.0, 1.0)
         lgm_in = prepare_inputs(views, c2w[:, idx], K[:, idx], self.config.lgm_resolution)
-        return lgm_to_model_gaussians(self.lgm(lgm_in, c_noise))
+        dtype = next(self.lgm.parameters()).dtype
+        gaussians = self.lgm(lgm_in.to(dtype), c_noise.to(dtype))
+        return lgm_to_model_gaussians(gaussians.float())
 
     def render(self, gaussians: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> dict:
         """Render at every camera at the model's resolution (RGB over the configured background)."""
