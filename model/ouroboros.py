@@ -363,6 +363,7 @@ class Ouroboros3D(nn.Module):
         guidance: tuple[float, float] | None = None,
         generator: torch.Generator | None = None,
         progress: bool = True,
+        use_feedback: bool = True,
     ) -> SampleOutput:
         """Algorithm 2: recursive 3D-aware sampling (Euler on the Karras schedule).
 
@@ -374,6 +375,8 @@ class Ouroboros3D(nn.Module):
             cond_image: [B, 3, H, W] in [-1, 1].  c2w: [B, V, 4, 4] model frame, view 0 the
             condition view.  K: [B, V, 3, 3] pixels at H.  guidance: per-frame (min, max) CFG
             scales (default: the config's, SVD's 1.0 -> 3.0); max <= 1 switches CFG off.
+            use_feedback: False runs a feedback model with zero feedback at every step and
+            reconstructs only at the end (the two-stage baseline on the same weights).
         """
         cfg = self.config
         B, V = c2w.shape[:2]
@@ -392,7 +395,8 @@ class Ouroboros3D(nn.Module):
         x = randn_tensor((B, V, 4, h, h), generator=generator, device=device, dtype=torch.float32)
         x = x * edm.initial_noise_scale(cfg.edm.sigma_max)
         feedback = self.feedback_maps(None, x)
-        recon_at = reconstruction_steps(num_steps, feedback_every, self.denoiser.has_feedback)
+        feeds_back = use_feedback and self.denoiser.has_feedback
+        recon_at = reconstruction_steps(num_steps, feedback_every, feeds_back)
         decoded = gaussians = renders = None
         for i in tqdm(range(num_steps), desc="sampling", disable=not progress):
             sigma = sigmas[i].float()
@@ -401,7 +405,8 @@ class Ouroboros3D(nn.Module):
                 decoded = self.decode_latents(pred_x0)
                 gaussians = self.reconstruct(decoded, c2w, K, edm.c_noise(sigma).expand(B))
                 renders = self.render(gaussians, c2w, K)
-                feedback = self.feedback_maps(renders, x)
+                if feeds_back:
+                    feedback = self.feedback_maps(renders, x)
             x = edm.euler_step(x, pred_x0, sigma, sigmas[i + 1].float())
         # the last step goes to sigma = 0, so x equals its x0 prediction: ``decoded`` are the views
         return SampleOutput(views=decoded, gaussians=gaussians, renders=renders)

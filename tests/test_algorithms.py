@@ -153,6 +153,10 @@ def test_algorithm2_reconstructs_every_step_and_feeds_back(tiny_model, monkeypat
     model.sample(cond, c2w, K, num_steps=3, feedback_every=2, guidance=(1.0, 1.0), progress=False)
     assert len(calls) == 2  # steps 0 and 2 (the last)
 
+    calls.clear(), feedbacks.clear()
+    model.sample(cond, c2w, K, num_steps=2, guidance=(1.0, 1.0), use_feedback=False, progress=False)
+    assert len(calls) == 1 and feedbacks == [0, 0]  # two-stage baseline: zero feedback, LGM at the end
+
 
 def test_save_and_load_round_trip(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "export")
