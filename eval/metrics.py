@@ -20,7 +20,6 @@ or both as they need.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -188,8 +187,3 @@ def image_metrics(pred: torch.Tensor, target: torch.Tensor, lpips_metric: LPIPSM
         "lpips": lpips_metric(pred, target).double(),
     }
 
-
-def finite_mean(values) -> float:
-    """Mean of the finite values (PSNR is +inf for a perfect match); NaN when there are none."""
-    vals = [float(v) for v in values if math.isfinite(float(v))]
-    return sum(vals) / len(vals) if vals else float("nan")
