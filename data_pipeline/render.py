@@ -199,6 +199,9 @@ def run_worker(job: dict, workdir: Path, settings: RenderSettings) -> tuple[dict
         proc = subprocess.Popen(
             [sys.executable, "-m", "data_pipeline.blender_worker", str(job_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
+            # Blender's own temp folder goes inside the job folder, removed with it (the
+            # worker leaves with os._exit, so Blender never cleans up after itself).
+            env={**os.environ, "TMPDIR": str(workdir)},
         )
         try:
             resource.prlimit(proc.pid, resource.RLIMIT_DATA, (limit, limit))

@@ -20,6 +20,9 @@ from PIL import Image
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 OBJAVERSE_URL = "https://huggingface.co/datasets/allenai/objaverse/resolve/main/"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+# glTF is +Y up, our world (and Google Scanned Objects' OBJ files) +Z up: (x, y, z)_zup = (x, -z, y)_gltf
+ZUP_TO_GLTF = trimesh.transformations.rotation_matrix(-np.pi / 2, [1, 0, 0])
+GLTF_TO_ZUP = trimesh.transformations.rotation_matrix(np.pi / 2, [1, 0, 0])
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,8 @@ def make_demo_object(index: int, seed: int) -> tuple[str, trimesh.Scene]:
     spin = trimesh.transformations.rotation_matrix(float(rng.uniform(0, 2 * np.pi)), [0, 0, 1])
     scene = trimesh.Scene()
     for k, part in enumerate(parts):
-        part.apply_transform(spin @ tilt)
+        # built +Z up, stored as glTF (+Y up) so that importers stand it upright
+        part.apply_transform(ZUP_TO_GLTF @ spin @ tilt)
         scene.add_geometry(part, geom_name=f"part{k}")
     return f"{shape}_{look}", scene
 
@@ -252,11 +256,14 @@ def export_gso_layout(mesh_path: str | Path, out_root: str | Path, name: str) ->
     ``<out_root>/<name>/meshes/model.obj`` (+ ``model.mtl``) and
     ``<out_root>/<name>/materials/textures/texture.png``; the MTL references the texture by
     the relative path ``../materials/textures/texture.png`` so that loaders find it.
-    Multi-part meshes are merged (their textures packed into one atlas).
+    Multi-part meshes are merged (their textures packed into one atlas). The OBJ is +Z up like
+    GSO's own files: glTF sources (+Y up) are rotated accordingly; other formats keep their axes.
     """
     mesh = trimesh.load(str(mesh_path), force="mesh")
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise ValueError(f"{mesh_path}: no faces to export")
+    if Path(mesh_path).suffix.lower() in (".glb", ".gltf"):
+        mesh.apply_transform(GLTF_TO_ZUP)
     mesh = _as_textured(mesh, linear_colors=Path(mesh_path).suffix.lower() in (".glb", ".gltf"))
     image = mesh.visual.material.image.convert("RGB")
     obj_text, _ = trimesh.exchange.obj.export_obj(

@@ -10,6 +10,7 @@ from trimesh.resolvers import FilePathResolver
 
 from data_pipeline.conventions import sample_key
 from data_pipeline.sources import (
+    GLTF_TO_ZUP,
     ObjectRecord,
     demo_objects,
     export_gso_layout,
@@ -86,6 +87,8 @@ def test_export_gso_layout(tmp_path, source):
     assert obj.is_file() and (folder / "meshes" / "model.mtl").is_file() and texture.is_file()
     exported = _load_obj(obj)
     reference = trimesh.load(path, force="mesh")
+    if Path(path).suffix == ".glb":  # GSO files are +Z up, glTF +Y up
+        reference.apply_transform(GLTF_TO_ZUP)
     np.testing.assert_allclose(exported.bounds, reference.bounds, atol=1e-5)
     np.testing.assert_allclose(exported.area, reference.area, rtol=1e-4)
     image = exported.visual.material.image
