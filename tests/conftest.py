@@ -110,7 +110,8 @@ def tiny_checkpoint(demo_shards, tmp_path_factory) -> str:
     (run / "train.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, str(REPO / "training" / "main.py"), "--config", str(run / "train.yaml"),
            "--data", str(demo_shards), "--output", str(run / "out")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # see tests/test_trainer.py
     if proc.returncode != 0:
         pytest.fail(f"training/main.py exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return str(run / "out" / "export")
