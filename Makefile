@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# One OpenMP thread per process: the tests and the demo run several torch processes (DeepSpeed
+# ranks, Ray workers) side by side, and oversubscribed OpenMP threads spin against each other.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup demo test bench
 

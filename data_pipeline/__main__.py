@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     render.add_argument("--resolution", type=int, default=512)
     render.add_argument("--samples", type=int, default=32, help="Cycles samples per pixel")
     render.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "optix"))
+    render.add_argument("--no-denoise", action="store_true",
+                        help="skip the denoiser (a large fixed cost per frame on CPU; previews)")
     render.add_argument("--timeout", type=float, default=900.0, help="seconds per object")
     render.add_argument("--memory-gb", type=float, default=8.0, help="address-space cap per render")
     render.add_argument("--workers", type=int, help="local Ray CPUs (default: all)")
@@ -106,7 +108,8 @@ def command_render(args) -> int:
         print("no objects to render", file=sys.stderr)
         return 1
     settings = RenderSettings(resolution=args.resolution, samples=args.samples, device=args.device,
-                              timeout_s=args.timeout, memory_limit_gb=args.memory_gb)
+                              denoise=not args.no_denoise, timeout_s=args.timeout,
+                              memory_limit_gb=args.memory_gb)
     config = JobConfig(output=args.output, settings=settings, workers=args.workers,
                        ray_address=args.ray_address, per_shard=args.per_shard,
                        max_retries=args.max_retries, gpus_per_task=args.gpus_per_task,
