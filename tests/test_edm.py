@@ -5,23 +5,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from model import edm
-
-# stabilityai/stable-video-diffusion-img2vid scheduler/scheduler_config.json
-SVD_SCHEDULER_CONFIG = dict(
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    interpolation_type="linear",
-    num_train_timesteps=1000,
-    prediction_type="v_prediction",
-    sigma_max=700.0,
-    sigma_min=0.002,
-    steps_offset=1,
-    timestep_spacing="leading",
-    timestep_type="continuous",
-    trained_betas=None,
-    use_karras_sigmas=True,
-)
+from model.svd import SVD_SCHEDULER_CONFIG  # the published img2vid scheduler_config.json
 
 
 @pytest.fixture(scope="module")
