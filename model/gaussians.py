@@ -125,6 +125,7 @@ def save_ply(g: torch.Tensor, path: str | os.PathLike) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(header.encode("ascii"))
             f.write(records.tobytes())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; viewers and people read this file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
