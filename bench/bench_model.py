@@ -26,7 +26,7 @@ from model.ouroboros import Ouroboros3D
 
 
 def make_batch(resolution: int, views: int, device) -> dict:
-    """A synthetic training batch in INTERFACES.md's layout (model-frame orbit cameras)."""
+    """A synthetic training batch in docs/interfaces.md's layout (model-frame orbit cameras)."""
     gen = torch.Generator().manual_seed(0)
     c2w = torch.tensor(orbit_c2w(10.0, np.arange(views) * 360.0 / views), dtype=torch.float32)[None]
     K = torch.tensor(intrinsics(DEFAULT_FOV_DEG, resolution), dtype=torch.float32).expand(1, views, 3, 3)

@@ -1,6 +1,6 @@
 """Render one object: 2 orbits x 16 frames of RGBA + canonical coordinate map (CCM) + cameras.
 
-:func:`render_object` is the entry point (INTERFACES.md, part R). Blender runs in a separate
+:func:`render_object` is the entry point (docs/interfaces.md). Blender runs in a separate
 worker process (:mod:`data_pipeline.blender_worker`) under a timeout and a memory cap;
 this module never imports ``bpy``. The worker returns RGBA and the z-depth of each pixel
 centre's ray; the CCM is computed here from the depth (DESIGN section 2)::

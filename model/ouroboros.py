@@ -256,7 +256,7 @@ class Ouroboros3D(nn.Module):
     def training_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """Algorithm 1: EDM diffusion loss with 3D-aware self-conditioning + LGM loss (Eq. 2).
 
-        ``batch`` (INTERFACES.md): images [B, V, 3, H, W] in [-1, 1] over the background,
+        ``batch`` (docs/interfaces.md): images [B, V, 3, H, W] in [-1, 1] over the background,
         alphas [B, V, 1, H, W], ccm, c2w [B, V, 4, 4] model frame, K [B, V, 3, 3] pixels at H,
         view 0 the condition image.
 

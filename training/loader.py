@@ -1,4 +1,4 @@
-"""Streaming training loader: WebDataset shards (DESIGN section 3) -> training batches (INTERFACES, MD).
+"""Streaming training loader: WebDataset shards (DESIGN section 3) -> training batches (docs/interfaces.md).
 
 One shard sample is one (object, orbit) with 16 frames. Per sample the loader picks the
 condition frame ``s`` (seeded), keeps frames ``s, s+2, ..., s+14 (mod 16)`` (DESIGN section 4),
@@ -363,7 +363,7 @@ class ShardStream(IterableDataset):
 
 
 def collate(items: list) -> dict:
-    """Stack samples into the training batch (INTERFACES, MD); keep the last sample's position."""
+    """Stack samples into the training batch (docs/interfaces.md); keep the last sample's position."""
     samples = [s for s, _ in items]
     batch = {k: torch.stack([s[k] for s in samples]) for k in ("images", "alphas", "ccm", "c2w", "K")}
     batch["key"] = [s["key"] for s in samples]
