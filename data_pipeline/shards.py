@@ -127,27 +127,34 @@ def encode_sample(render: "OrbitRender", key: str) -> dict:
     return sample
 
 
-def decode_sample(sample: dict) -> dict:
+def decode_sample(sample: dict, frames=None) -> dict:
     """A raw webdataset sample (member suffix -> bytes, no ``.decode()``) -> arrays.
 
+    Every member of the contract must be present (an incomplete sample is corrupt), but only
+    the PNGs of ``frames`` (default: all 16, in order) are decoded.
+
     Returns:
-        dict(key, rgba uint8 [16, H, W, 4], ccm float32 [16, H, W, 3], c2w float32 [16, 4, 4],
-        K float32 [16, 3, 3], meta dict)
+        dict(key, rgba uint8 [F, H, W, 4], ccm float32 [F, H, W, 3], c2w float32 [F, 4, 4],
+        K float32 [F, 3, 3], meta dict) for the F selected frames.
     Raises:
         CorruptSampleError naming the key and member when a member is missing or malformed.
     """
     key = sample.get("__key__", "?")
+    frames = list(range(NUM_FRAMES)) if frames is None else [int(i) for i in frames]
 
     def member(suffix: str) -> bytes:
         if suffix not in sample:
             raise CorruptSampleError(key, f"{key}.{suffix}", "missing")
         return sample[suffix]
 
+    names = {(i, kind): frame_member(key, i, kind) for i in range(NUM_FRAMES) for kind in ("rgba", "ccm")}
+    for name in names.values():
+        member(_suffix(name, key))
     rgba, ccm = [], []
-    for i in range(NUM_FRAMES):
-        name = frame_member(key, i, "rgba")
+    for i in frames:
+        name = names[i, "rgba"]
         rgba.append(_png_array(member(_suffix(name, key)), 4, np.uint8, key, name))
-        name = frame_member(key, i, "ccm")
+        name = names[i, "ccm"]
         ccm.append(decode_ccm_png(_png_array(member(_suffix(name, key)), 3, np.uint16, key, name)))
     sizes = {frame.shape[:2] for frame in rgba + ccm}
     if len(sizes) != 1:
@@ -158,14 +165,9 @@ def decode_sample(sample: dict) -> dict:
         raise CorruptSampleError(key, f"{key}.json", f"not valid JSON ({error})") from None
     if not isinstance(meta, dict):
         raise CorruptSampleError(key, f"{key}.json", "is not a JSON object")
-    return dict(
-        key=key,
-        rgba=np.stack(rgba),
-        ccm=np.stack(ccm),
-        c2w=_npy_array(member("cameras.npy"), (NUM_FRAMES, 4, 4), key, f"{key}.cameras.npy"),
-        K=_npy_array(member("intrinsics.npy"), (NUM_FRAMES, 3, 3), key, f"{key}.intrinsics.npy"),
-        meta=meta,
-    )
+    c2w = _npy_array(member("cameras.npy"), (NUM_FRAMES, 4, 4), key, f"{key}.cameras.npy")
+    K = _npy_array(member("intrinsics.npy"), (NUM_FRAMES, 3, 3), key, f"{key}.intrinsics.npy")
+    return dict(key=key, rgba=np.stack(rgba), ccm=np.stack(ccm), c2w=c2w[frames], K=K[frames], meta=meta)
 
 
 def encode_object(renders: list["OrbitRender"], uid: str) -> list[dict]:

@@ -27,8 +27,6 @@ Corrupt samples
 from __future__ import annotations
 
 import glob
-import io
-import json
 import logging
 import os
 import random
@@ -49,10 +47,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.conventions import (
     NUM_FRAMES,
     TRAIN_NUM_VIEWS,
-    decode_ccm_png,
     to_condition_frame,
     training_frame_indices,
 )
+from data_pipeline.shards import CorruptSampleError, decode_sample
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +71,6 @@ class LoaderConfig:
     shuffle_initial: int = 16
     num_workers: int = 2
     seed: int = 0
-
-
-class CorruptSampleError(ValueError):
-    """A shard sample that cannot be used: ``key``, the ``member`` at fault and the ``reason``."""
-
-    def __init__(self, key: str, member: str, reason: str):
-        super().__init__(f"sample {key!r}: member {member!r}: {reason}")
-        self.key, self.member, self.reason = key, member, reason
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -129,35 +119,6 @@ def _opened(urls, handler) -> Iterator[dict]:
 
 
 # ----------------------------------------------------------------------------- one sample
-def _decode_png(sample: dict, member: str, channels: int, dtype) -> np.ndarray:
-    key = sample.get("__key__", "?")
-    if member not in sample:
-        raise CorruptSampleError(key, member, "missing")
-    image = cv2.imdecode(np.frombuffer(sample[member], np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise CorruptSampleError(key, member, "not a decodable PNG")
-    if image.ndim != 3 or image.shape[2] != channels or image.dtype != dtype:
-        raise CorruptSampleError(
-            key, member, f"expected {channels} channels of {np.dtype(dtype).name}, got "
-            f"{image.shape} {image.dtype}"
-        )
-    code = cv2.COLOR_BGRA2RGBA if channels == 4 else cv2.COLOR_BGR2RGB
-    return cv2.cvtColor(image, code)
-
-
-def _load_npy(sample: dict, member: str, shape: tuple) -> np.ndarray:
-    key = sample.get("__key__", "?")
-    if member not in sample:
-        raise CorruptSampleError(key, member, "missing")
-    try:
-        array = np.load(io.BytesIO(sample[member]), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt member
-        raise CorruptSampleError(key, member, f"not a .npy array ({exc})") from exc
-    if array.shape != shape or not np.isfinite(array).all():
-        raise CorruptSampleError(key, member, f"expected finite {shape}, got {array.shape}")
-    return array.astype(np.float64)
-
-
 def decode_views(sample: dict, frames) -> dict:
     """Decode the selected frames of one raw shard sample (members of DESIGN section 3).
 
@@ -174,34 +135,13 @@ def decode_views(sample: dict, frames) -> dict:
     Raises:
         CorruptSampleError
     """
-    key = sample.get("__key__", "?")
-    for i in range(NUM_FRAMES):
-        for kind in ("rgba", "ccm"):
-            if f"{i:02d}.{kind}.png" not in sample:
-                raise CorruptSampleError(key, f"{i:02d}.{kind}.png", "missing")
-    if "json" not in sample:
-        raise CorruptSampleError(key, "json", "missing")
-    try:
-        meta = json.loads(sample["json"])
-    except ValueError as exc:
-        raise CorruptSampleError(key, "json", f"not JSON ({exc})") from exc
-    c2w = _load_npy(sample, "cameras.npy", (NUM_FRAMES, 4, 4))
-    K = _load_npy(sample, "intrinsics.npy", (NUM_FRAMES, 3, 3))
-    rgba = [_decode_png(sample, f"{i:02d}.rgba.png", 4, np.uint8) for i in frames]
-    ccm = [_decode_png(sample, f"{i:02d}.ccm.png", 3, np.uint16) for i in frames]
-    shape = rgba[0].shape[:2]
-    if shape[0] != shape[1]:
-        raise CorruptSampleError(key, f"{frames[0]:02d}.rgba.png", f"not square: {shape}")
-    for i, r, c in zip(frames, rgba, ccm):
-        if r.shape[:2] != shape or c.shape[:2] != shape:
-            raise CorruptSampleError(key, f"{i:02d}.*.png", f"size differs from {shape}")
-    return dict(
-        rgba=np.stack(rgba),
-        ccm=np.stack([decode_ccm_png(c) for c in ccm]),
-        c2w=c2w[frames],
-        K=K[frames],
-        meta=meta,
-    )
+    views = decode_sample(sample, frames)
+    height, width = views["rgba"].shape[1:3]
+    if height != width:
+        raise CorruptSampleError(views["key"], f"{views['key']}.{frames[0]:02d}.rgba.png",
+                                 f"not square: {(height, width)}")
+    return dict(rgba=views["rgba"], ccm=views["ccm"], c2w=views["c2w"].astype(np.float64),
+                K=views["K"].astype(np.float64), meta=views["meta"])
 
 
 def condition_frame(seed: int, epoch: int, key: str) -> int:
