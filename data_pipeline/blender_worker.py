@@ -46,7 +46,7 @@ from blenderproc.python.utility.Initializer import _Initializer, clean_up  # noq
 from blenderproc.python.utility.Utility import Utility  # noqa: E402
 from mathutils import Matrix  # noqa: E402
 
-from data_pipeline.conventions import opencv_to_blender_c2w  # noqa: E402
+from data_pipeline.conventions import normalization_from_bounds, opencv_to_blender_c2w  # noqa: E402
 
 # Axis conversion each importer applies, file coordinates -> Blender world (+Z up), and the
 # importer arguments that make it so. glTF is +Y up by its specification (Blender's glTF
@@ -252,11 +252,10 @@ def normalize_object(obj) -> tuple[float, np.ndarray]:
     obj.data.loops.foreach_get("vertex_index", loops)
     used[loops] = True
     lo, hi = verts[used].min(0), verts[used].max(0)
-    extent = float(np.max(hi - lo))
-    if not np.isfinite(extent) or extent <= 0:
-        raise WorkerError("degenerate", f"bounding box {lo.tolist()} .. {hi.tolist()} is degenerate")
-    scale = 1.0 / extent
-    offset = -scale * (lo + hi) / 2.0
+    try:
+        scale, offset = normalization_from_bounds(lo, hi)
+    except ValueError:
+        raise WorkerError("degenerate", f"bounding box {lo.tolist()} .. {hi.tolist()} is degenerate") from None
     obj.data.transform(Matrix.Translation(offset.tolist()) @ Matrix.Scale(scale, 4))
     obj.data.update()
     return scale, offset

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from training.config import TrainConfig
+from training.loader import rng_seed
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "infra" / "deepspeed"
 CAMERA_KEYS = ("c2w", "K")
@@ -137,7 +137,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed):
 
 def step_seed(seed: int, rank: int, micro_step: int) -> int:
     """Seed of the model's generator for one micro step: independent of resumes and of timing."""
-    return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
+    return rng_seed(seed, rank, micro_step)
 
 
 def to_device(batch: dict, device) -> dict:

@@ -226,7 +226,8 @@ class _Stream:
     skips: _Skips = field(default_factory=_Skips)
 
 
-def _rng_seed(*parts: int) -> int:
+def rng_seed(*parts: int) -> int:
+    """One 32-bit seed from integers (seed, epoch, rank, ...), stable across runs and resumes."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
@@ -250,7 +251,7 @@ class ShardStream(IterableDataset):
                        skips: _Skips):
         cfg = self.cfg
         urls = list(self.urls)
-        random.Random(_rng_seed(cfg.seed, epoch)).shuffle(urls)
+        random.Random(rng_seed(cfg.seed, epoch)).shuffle(urls)
         by_shard = len(urls) >= world * workers
 
         def handler(exc: Exception) -> bool:
@@ -266,7 +267,7 @@ class ShardStream(IterableDataset):
         )
         if not by_shard:
             samples = islice(wds.split_by_node(samples), role, None, workers)
-        rng = random.Random(_rng_seed(cfg.seed, epoch, rank, role))
+        rng = random.Random(rng_seed(cfg.seed, epoch, rank, role))
         return wds.filters._shuffle(iter(samples), cfg.shuffle_buffer, cfg.shuffle_initial, rng=rng)
 
     def __iter__(self):
@@ -286,7 +287,7 @@ class ShardStream(IterableDataset):
                     s = condition_frame(self.cfg.seed, epoch, key)
                     views = decode_views(raw, training_frame_indices(s, self.cfg.num_views))
                     sample = to_training_views(views, self.cfg.resolution, self.cfg.background)
-                except (CorruptSampleError, ValueError, np.linalg.LinAlgError) as exc:
+                except (ValueError, np.linalg.LinAlgError) as exc:  # CorruptSampleError is a ValueError
                     skips.samples += 1
                     log.warning("skipping corrupt sample %s from %s: %s", key, raw.get("__url__"), exc)
                     continue
