@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from pathlib import Path
 
 from data_pipeline import objaverse_filter
+from data_pipeline.atomic import atomic_path
 
 
 def _add_filter_args(parser: argparse.ArgumentParser) -> None:
@@ -126,12 +126,10 @@ def command_filter(args) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     summary.save(args.output / "filter_summary.json")
     keep = args.output / "objaverse_keep.csv"
-    tmp = keep.with_name(keep.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(keep) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         for record in records:  # URL ends in glbs/<group>/<uid>.glb
             writer.writerow([record.path_or_url.rsplit("/", 2)[-2], record.uid])
-    os.replace(tmp, keep)
     print(f"kept {len(records)} objects: {keep}")
     return 0
 

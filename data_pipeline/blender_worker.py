@@ -28,7 +28,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from blenderproc.python.utility.Initializer import _Initializer, clean_up  # noq
 from blenderproc.python.utility.Utility import Utility  # noqa: E402
 from mathutils import Matrix  # noqa: E402
 
+from data_pipeline.atomic import atomic_path, atomic_write_text  # noqa: E402
 from data_pipeline.conventions import normalization_from_bounds, opencv_to_blender_c2w  # noqa: E402
 
 # Axis conversion each importer applies, file coordinates -> Blender world (+Z up), and the
@@ -84,16 +84,8 @@ class WorkerError(Exception):
         self.reason = reason
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 # ----------------------------------------------------------------------------- setup
@@ -384,9 +376,8 @@ def main(job_path: str) -> int:
             "message": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
         })
         return 3
-    tmp = out / ".render.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out / "render.npz")
+    with atomic_path(out / "render.npz", suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
     atomic_write_json(out / "result.json", meta)
     return 0
 

@@ -3,12 +3,12 @@ the same frames' canonical coordinate maps."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_pipeline.atomic import atomic_path
 from data_pipeline.shards import decode_sample, iter_shard
 
 GREY = 128
@@ -54,7 +54,6 @@ def write_contact_sheet(shard_paths, out_path: str | Path, max_objects: int = 16
     if not rows:
         return None
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp.png")
-    Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
-    os.replace(tmp, out_path)
+    with atomic_path(out_path, suffix=".png") as tmp:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
     return out_path

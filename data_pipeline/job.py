@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_pipeline.atomic import atomic_write_text
 from data_pipeline.contact_sheet import write_contact_sheet
 from data_pipeline.manifest import (
     ManifestRow,
@@ -222,9 +223,8 @@ def run_job(records: list[ObjectRecord], config: JobConfig,
         mean_render_seconds=sum(seconds) / len(seconds) if seconds else None,
         shards=len(list_shards(output)),
     )
-    tmp = output / (SUMMARY_NAME + ".tmp")
-    tmp.write_text(json.dumps({**asdict(summary), "settings": asdict(config.settings)}, indent=2))
-    os.replace(tmp, output / SUMMARY_NAME)
+    atomic_write_text(output / SUMMARY_NAME,
+                      json.dumps({**asdict(summary), "settings": asdict(config.settings)}, indent=2))
     if config.contact_sheet:
         done_shards = sorted({row.shard for row in rows.values() if row.status == "done"})
         write_contact_sheet([output / s for s in done_shards], output / CONTACT_SHEET_NAME)

@@ -17,6 +17,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline.atomic import atomic_path
 from data_pipeline.sources import ObjectRecord
 
 STATUSES = ("filtered", "pending", "done", "failed")
@@ -123,12 +124,10 @@ def write_manifest(path: str | Path, rows: Iterable[ManifestRow]) -> None:
     ordered = sorted(rows, key=lambda r: r.uid)
     columns = {name: [getattr(row, name) for row in ordered] for name in SCHEMA.names}
     table = pa.Table.from_pydict(columns, schema=SCHEMA)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         pq.write_table(table, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def merge_records(

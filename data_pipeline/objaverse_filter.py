@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from data_pipeline.atomic import atomic_write_text
 
 # Words that mark scenes, environments and non-objects (matched as whole words, lower case).
 DEFAULT_BAD_WORDS = (
@@ -57,10 +58,7 @@ class FilterSummary:
 
     def save(self, path: str | Path) -> None:
         """Write the summary as JSON (atomically)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True))
 
 
 def read_keep_list(path: str | Path) -> set[str]:

@@ -17,6 +17,8 @@ import numpy as np
 import trimesh
 from PIL import Image
 
+from data_pipeline.atomic import atomic_write_bytes
+
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 OBJAVERSE_URL = "https://huggingface.co/datasets/allenai/objaverse/resolve/main/"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
@@ -218,9 +220,7 @@ def demo_objects(count: int, out_dir: str | Path, seed: int = 0) -> list[ObjectR
         path = out_dir / f"{uid}.glb"
         data = scene.export(file_type="glb")
         if not path.exists() or path.read_bytes() != data:
-            tmp = path.with_suffix(".glb.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            atomic_write_bytes(path, data)
         records.append(_local_record(path, uid, "demo"))
     return records
 
@@ -284,9 +284,7 @@ def export_gso_layout(mesh_path: str | Path, out_root: str | Path, name: str) ->
         (folder / "meshes" / "model.mtl", mtl.encode()),
         (folder / "meshes" / "model.obj", obj_text.encode()),
     ):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        atomic_write_bytes(path, data)
     return folder
 
 

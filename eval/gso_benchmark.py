@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_pipeline.atomic import atomic_write_text
 from data_pipeline.conventions import training_frame_indices
 from eval import gso, report
 from eval.image_to_3d import resolve_device
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
             tqdm.write(f"{obj.name}: {failed[obj.name]}", file=sys.stderr)
             continue
         report.save_png(out_dir / strip_rel, strip)
-        report.atomic_write_text(done, json.dumps(obj_rows, indent=2))
+        atomic_write_text(done, json.dumps(obj_rows, indent=2))
         rows += obj_rows
         strips[obj.name] = strip_rel
 

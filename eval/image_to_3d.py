@@ -22,15 +22,14 @@ and ``orbit.mp4`` (the Gaussians rendered on a 360-degree orbit).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.atomic import atomic_path
 from data_pipeline.conventions import DEFAULT_FOV_DEG, DEFAULT_RADIUS, intrinsics, orbit_c2w
 from eval.report import save_png, to_uint8
 
@@ -175,17 +174,9 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 30) -> None:
     """H.264 video through imageio-ffmpeg, written to a temporary name and renamed."""
     import imageio.v2 as imageio
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".mp4") as tmp:
         imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8,
                          macro_block_size=1, format="FFMPEG")  # fmt: skip
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from data_pipeline.atomic import atomic_write_bytes, atomic_write_text
 
 METRICS = ("psnr", "ssim", "lpips")
 VARIANTS = ("ouroboros", "two_stage")
@@ -43,28 +43,6 @@ PAPER_TABLE2 = [
     ("yes", "CCM + RGB", 21.761, 0.8894, 0.1091, 0.009, 0.0028, 0.0002),
 ]
 FEEDBACK_LABEL = {"none": "none", "ccm": "CCM", "ccm_rgb": "CCM + RGB"}
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are for people to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------- aggregates

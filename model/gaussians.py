@@ -14,11 +14,11 @@ The ``.ply`` stores the PRE-activation values 3DGS viewers expect: ``opacity`` a
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from data_pipeline.atomic import atomic_write_bytes
 
 SH_C0 = 0.28209479177387814
 NUM_CHANNELS = 14
@@ -119,17 +119,7 @@ def save_ply(g: torch.Tensor, path: str | os.PathLike) -> None:
     header += f"element vertex {n}\n"
     header += "".join(f"property float {name}\n" for name in PLY_PROPERTIES)
     header += "end_header\n"
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.encode("ascii"))
-            f.write(records.tobytes())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; viewers and people read this file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, header.encode("ascii") + records.tobytes())
 
 
 def _read_ply_header(f, path) -> tuple[int, list[str]]:

@@ -13,6 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from data_pipeline.atomic import atomic_write_text
 from data_pipeline.sources import demo_objects, export_gso_layout
 
 HELDOUT_SEED = 1000  # the demo trains on seed 0
@@ -28,9 +29,7 @@ def main() -> None:
         names = [export_gso_layout(rec.path_or_url, args.output, rec.uid).name
                  for rec in demo_objects(args.count, tmp, seed=args.seed)]
     selection = args.output / "selection.txt"
-    tmp_sel = selection.with_suffix(".txt.tmp")
-    tmp_sel.write_text("".join(f"{name}\n" for name in names))
-    tmp_sel.replace(selection)
+    atomic_write_text(selection, "".join(f"{name}\n" for name in names))
     print(f"{len(names)} held-out objects in GSO layout under {args.output}")
 
 

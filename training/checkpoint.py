@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.atomic import atomic_path
+
 TAG_RE = re.compile(r"^step_(\d{7})$")
 
 
@@ -61,9 +63,8 @@ def save(engine, ckpt_dir: str | Path, step: int, trainer_state: dict, keep_last
     tag = tag_for(step)
     path = _rank_file(ckpt_dir, tag, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(dict(step=step, rng=rng_state(), **trainer_state), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(dict(step=step, rng=rng_state(), **trainer_state), tmp)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(step=step))
     torch.distributed.barrier()
     if rank == 0:

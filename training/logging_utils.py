@@ -8,11 +8,12 @@ resumed step are dropped so the file always describes one consistent run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torchvision.utils import make_grid
+
+from data_pipeline.atomic import atomic_write_text
 
 
 def visual_grid(images: torch.Tensor) -> torch.Tensor:
@@ -59,9 +60,7 @@ class TrainLogger:
         if not self.jsonl.exists():
             return
         lines = [ln for ln in self.jsonl.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        tmp = self.jsonl.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        os.replace(tmp, self.jsonl)
+        atomic_write_text(self.jsonl, "".join(ln + "\n" for ln in lines))
 
     def step(self, step: int, record: dict) -> None:
         """One line of losses.jsonl and the progress bar (every step)."""
