@@ -158,13 +158,11 @@ def render_orbit(gaussians: torch.Tensor, elevation: float, resolution: int, fra
     """
     from model.rasterizer import render_gaussians
 
-    c2w = torch.from_numpy(orbit_c2w(elevation, np.linspace(0.0, 360.0, frames, endpoint=False),
-                                     DEFAULT_RADIUS)).to(gaussians)  # fmt: skip
-    K = torch.from_numpy(intrinsics(DEFAULT_FOV_DEG, resolution)).to(gaussians)
+    c2w, K = (t.to(gaussians)[0] for t in view_cameras(frames, elevation, resolution, 360.0 / frames))
     out = []
     for i in range(0, frames, chunk):
         cams = c2w[i : i + chunk][None]
-        rgb = render_gaussians(gaussians, cams, K.expand(*cams.shape[:2], 3, 3), resolution,
+        rgb = render_gaussians(gaussians, cams, K[i : i + chunk][None], resolution,
                                resolution, background=background)["rgb"][0]  # fmt: skip
         out.append(to_uint8(rgb.clamp(0, 1)))
     return np.concatenate(out)

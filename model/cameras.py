@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from data_pipeline.conventions import DEFAULT_RADIUS
-from model.gaussians import quaternion_multiply
+from model.gaussians import OPACITY, RGB, ROTATION, SCALE, XYZ, quaternion_multiply
 
 LGM_CAMERA_RADIUS = 1.5
 MODEL_TO_LGM_SCALE = LGM_CAMERA_RADIUS / DEFAULT_RADIUS
@@ -135,7 +135,7 @@ def lgm_to_model_gaussians(g: torch.Tensor) -> torch.Tensor:
     R = _rotation(g)
     w, x, y, z = MODEL_TO_LGM_QUATERNION
     q_inv = torch.tensor((w, -x, -y, -z), dtype=g.dtype, device=g.device)
-    xyz = (g[..., 0:3] @ R) / MODEL_TO_LGM_SCALE  # row vectors: p @ R = (R^T p)^T
-    scale = g[..., 4:7] / MODEL_TO_LGM_SCALE
-    rot = quaternion_multiply(q_inv.expand_as(g[..., 7:11]), g[..., 7:11])
-    return torch.cat([xyz, g[..., 3:4], scale, rot, g[..., 11:14]], -1)
+    xyz = (g[..., XYZ] @ R) / MODEL_TO_LGM_SCALE  # row vectors: p @ R = (R^T p)^T
+    scale = g[..., SCALE] / MODEL_TO_LGM_SCALE
+    rot = quaternion_multiply(q_inv.expand_as(g[..., ROTATION]), g[..., ROTATION])
+    return torch.cat([xyz, g[..., OPACITY], scale, rot, g[..., RGB]], -1)

@@ -16,6 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_pipeline.atomic import atomic_write_text
+from model import edm
+
 FEEDBACK_MODES = ("none", "ccm", "ccm_rgb")
 
 # OpenAI CLIP normalisation, as in SVD's feature_extractor/preprocessor_config.json.
@@ -27,11 +30,11 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 class EDMConfig:
     """Appendix A.1 and SVD's scheduler_config.json."""
 
-    p_mean: float = 1.0
-    p_std: float = 1.6
-    sigma_min: float = 0.002
-    sigma_max: float = 700.0
-    rho: float = 7.0
+    p_mean: float = edm.P_MEAN
+    p_std: float = edm.P_STD
+    sigma_min: float = edm.SIGMA_MIN
+    sigma_max: float = edm.SIGMA_MAX
+    rho: float = edm.RHO
     num_steps: int = 25
 
 
@@ -115,10 +118,7 @@ class OuroborosConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON atomically (temp + rename)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> "OuroborosConfig":

@@ -68,10 +68,6 @@ def reconstruction_steps(num_steps: int, feedback_every: int, has_feedback: bool
     return steps | {num_steps - 1}
 
 
-def _lgm_config(name: str) -> LGMConfig:
-    return LGMConfig.preset(name)
-
-
 class Ouroboros3D(nn.Module):
     """The whole model. Build it with :meth:`from_config` or :meth:`from_pretrained`."""
 
@@ -107,7 +103,7 @@ class Ouroboros3D(nn.Module):
             ccm_adapter = build_adapter(config)
             if config.feedback == "ccm_rgb":
                 rgb_adapter = build_adapter(config)
-        lgm_cfg = _lgm_config(config.lgm_preset)
+        lgm_cfg = LGMConfig.preset(config.lgm_preset)
         lgm = LGM.from_pretrained(config.lgm_path, lgm_cfg) if config.lgm_path else LGM(lgm_cfg)
         return cls(config, svd, MultiViewUNet(svd.unet, camera, ccm_adapter, rgb_adapter), lgm)
 

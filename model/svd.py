@@ -19,6 +19,7 @@ import torch
 from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from data_pipeline.atomic import atomic_write_text
 from model.config import OuroborosConfig
 
 SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor")
@@ -115,6 +116,4 @@ def save_svd_components(components: SVDComponents, out_dir: str | os.PathLike, v
         "unet": ["diffusers", "UNetSpatioTemporalConditionModel"],
         "vae": ["diffusers", "AutoencoderKLTemporalDecoder"],
     }
-    tmp = out / "model_index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    tmp.replace(out / "model_index.json")
+    atomic_write_text(out / "model_index.json", json.dumps(index, indent=2))

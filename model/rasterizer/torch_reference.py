@@ -21,7 +21,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from model.gaussians import RGB, XYZ, covariance_3d
+from model.gaussians import OPACITY, RGB, ROTATION, SCALE, XYZ, covariance_3d
 
 NEAR_PLANE = 0.01
 LOW_PASS = 0.3  # px^2 added to the 2D covariance (3DGS / gsplat eps2d)
@@ -167,12 +167,12 @@ def render_view(
     order = torch.argsort(mean_cam[:, 2])  # front to back
     g, mean_cam = g[order], mean_cam[order]
     z = mean_cam[:, 2]
-    cov2d = projected_covariance(mean_cam, covariance_3d(g[:, 4:7], g[:, 7:11]), R, K, width, height)
+    cov2d = projected_covariance(mean_cam, covariance_3d(g[:, SCALE], g[:, ROTATION]), R, K, width, height)
     means2d = torch.stack(
         [K[0, 0] * mean_cam[:, 0] / z + K[0, 2], K[1, 1] * mean_cam[:, 1] / z + K[1, 2]], -1
     )
     conics = torch.linalg.inv(cov2d)
-    opacity = g[:, 3]
+    opacity = g[:, OPACITY].squeeze(-1)
     values = torch.cat([g[:, RGB], z[:, None], g[:, XYZ] + 0.5], 1)  # [n, 7]: rgb, z, ccm
 
     # Tile ranges each Gaussian touches (no gradient needed for the culling).
