@@ -56,8 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python eval/gso_benchmark.py",
         description="GSO benchmark of an Ouroboros3D checkpoint (paper Tables 1 and 2).",
     )
-    p.add_argument("--gso-root", required=True, type=Path,
-                   help="folder of GSO objects (<name>/meshes/model.obj)")
+    p.add_argument("--gso-root", required=True, action="append", type=split_root, metavar="[SPLIT=]DIR",
+                   help="folder of GSO objects (<name>/meshes/model.obj); repeat with a SPLIT label "
+                        "(e.g. seen=DIR --gso-root held-out=DIR2) to score sets in separate rows")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="Ouroboros3D export folder (Ouroboros3D.save_pretrained)")
     p.add_argument("--output", required=True, type=Path)
@@ -75,9 +76,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="up axis of the OBJ meshes (GSO's are +Z up, as Gazebo loads them)")
     p.add_argument("--device", default="auto", help="model device: auto | cpu | cuda")
     p.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex", "squeeze"))
+    p.add_argument("--variants", nargs="+", default=[VARIANT_FEEDBACK_ON, VARIANT_FEEDBACK_OFF],
+                   choices=(VARIANT_FEEDBACK_ON, VARIANT_FEEDBACK_OFF),
+                   help="what to sample: the checkpoint as trained (ouroboros) and/or with its "
+                        "feedback off (two_stage); one is enough for a checkpoint without feedback")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="recompute finished objects")
     return p.parse_args(argv)
+
+
+DEFAULT_SPLIT = "test"
+
+
+def split_root(text: str) -> tuple[str, Path]:
+    """``SPLIT=DIR`` or ``DIR`` (split ``test``) -> (split, folder)."""
+    split, sep, folder = text.partition("=")
+    if not sep:
+        return DEFAULT_SPLIT, Path(text)
+    if not split or "/" in split:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SPLIT=DIR with a plain SPLIT name")
+    return split, Path(folder)
+
+
+def result_name(split: str, name: str) -> str:
+    """Where an object's results go under ``objects/`` and ``strips/``: ``name`` for the default
+    split, ``split/name`` for labelled ones (the same name may be in two splits)."""
+    return name if split == DEFAULT_SPLIT else f"{split}/{name}"
 
 
 # ----------------------------------------------------------------------------- ground truth
@@ -156,11 +180,11 @@ def object_seed(seed: int, name: str) -> int:
 
 
 # ----------------------------------------------------------------------------- one object
-def evaluate_object(model, obj: gso.GSOObject, args, lpips_metric, device) -> tuple[list, np.ndarray]:
+def evaluate_object(model, obj: gso.GSOObject, split: str, args, lpips_metric, device) -> tuple[list, np.ndarray]:
     """Render the ground truth, sample both variants, compute metrics.
 
     Returns:
-        (two per-object rows, strip image [5*R+4, 8*R+7, 3] uint8)
+        (one per-object row per variant, strip image [(1 + 2 x variants) R + gaps, 8 R + 7, 3] uint8)
     """
     cfg = model.config
     orbit = render_ground_truth(obj, args.resolution or cfg.resolution, args.render_samples,
@@ -172,13 +196,14 @@ def evaluate_object(model, obj: gso.GSOObject, args, lpips_metric, device) -> tu
     # only step 0's and the last one (sample() always reconstructs at both).
     variants = [(VARIANT_FEEDBACK_ON, cfg.feedback, args.feedback_every, contextlib.nullcontext()),
                 (VARIANT_FEEDBACK_OFF, "none", args.steps, zero_feedback(model))]  # fmt: skip
+    variants = [v for v in variants if v[0] in args.variants]
     rows, strip_rows = [], [target]
     for variant, mode, every, switch in variants:
         with switch:
             out = generate(model, gt, args.steps, every, seed, device)
         mv = image_metrics(out["views"], target, lpips_metric)
         gs = image_metrics(out["renders"], target, lpips_metric)
-        row = dict(object=obj.name, variant=variant, feedback=mode,
+        row = dict(object=obj.name, split=split, variant=variant, feedback=mode,
                    joint_training=bool(cfg.joint_training), views=int(target.shape[0]),
                    seconds=round(out["seconds"], 3))  # fmt: skip
         row.update({f"mv_{k}": float(v.mean()) for k, v in mv.items()})
@@ -190,10 +215,15 @@ def evaluate_object(model, obj: gso.GSOObject, args, lpips_metric, device) -> tu
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    found = gso.discover(args.gso_root, args.selection, args.limit)
-    print(found.summary(), file=sys.stderr)
-    if not found.objects:
-        print(f"error: no selected object found under {args.gso_root}", file=sys.stderr)
+    objects, missing = [], []
+    for split, root in args.gso_root:
+        found = gso.discover(root, args.selection, args.limit)
+        print(f"{split}: {found.summary()}", file=sys.stderr)
+        objects += [(split, obj) for obj in found.objects]
+        missing += found.missing
+    if not objects:
+        roots = ", ".join(str(root) for _, root in args.gso_root)
+        print(f"error: no selected object found under {roots}", file=sys.stderr)
         return 2
     if not args.checkpoint.is_dir():
         print(f"error: checkpoint {args.checkpoint} is not a folder", file=sys.stderr)
@@ -208,31 +238,32 @@ def main(argv=None) -> int:
     (out_dir / "objects").mkdir(parents=True, exist_ok=True)
 
     rows, strips, failed = [], {}, {}
-    for obj in tqdm(found.objects, desc="GSO objects", unit="obj"):
-        done = out_dir / "objects" / f"{obj.name}.json"
-        strip_rel = f"strips/{obj.name}.png"
+    for split, obj in tqdm(objects, desc="GSO objects", unit="obj"):
+        name = result_name(split, obj.name)
+        done = out_dir / "objects" / f"{name}.json"
+        strip_rel = f"strips/{name}.png"
         if done.is_file() and not args.overwrite:
             rows += json.loads(done.read_text())
-            strips[obj.name] = strip_rel
+            strips[name] = strip_rel
             continue
         try:
-            obj_rows, strip = evaluate_object(model, obj, args, lpips_metric, device)
+            obj_rows, strip = evaluate_object(model, obj, split, args, lpips_metric, device)
         except RenderError as err:
-            failed[obj.name] = f"render failed ({err.reason}): {err}"
-            tqdm.write(f"{obj.name}: {failed[obj.name]}", file=sys.stderr)
+            failed[name] = f"render failed ({err.reason}): {err}"
+            tqdm.write(f"{name}: {failed[name]}", file=sys.stderr)
             continue
         report.save_png(out_dir / strip_rel, strip)
         atomic_write_text(done, json.dumps(obj_rows, indent=2))
         rows += obj_rows
-        strips[obj.name] = strip_rel
+        strips[name] = strip_rel
 
     if not rows:
         print("error: no object could be evaluated", file=sys.stderr)
         return 1
-    meta = dict(checkpoint=str(args.checkpoint), objects=len({r["object"] for r in rows}),
+    meta = dict(checkpoint=str(args.checkpoint), objects=len({(r["split"], r["object"]) for r in rows}),
                 steps=args.steps, views=rows[0]["views"], resolution=model.config.resolution,
                 lpips_net=lpips_metric.net, lpips_comparable=lpips_metric.comparable,
-                seed=args.seed, missing=found.missing, failed=failed)  # fmt: skip
+                seed=args.seed, missing=missing, failed=failed)  # fmt: skip
     report.write_rows(out_dir, rows)
     tables = report.write_tables(out_dir, rows, meta)
     path = report.write_report(out_dir, rows, tables, strips)

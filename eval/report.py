@@ -3,7 +3,7 @@ JSON), image strips and report.md.
 
 A per-object row (one per object and variant) holds::
 
-    object, variant, feedback, joint_training, views,
+    object, split, variant, feedback, joint_training, views,
     mv_psnr, mv_ssim, mv_lpips      generated multi-view images vs ground truth
     gs_psnr, gs_ssim, gs_lpips      renders of the reconstructed 3D Gaussians vs ground truth
     seconds
@@ -11,6 +11,8 @@ A per-object row (one per object and variant) holds::
 Variants: ``ouroboros`` (the checkpoint with its 3D-aware feedback, Algorithm 2) and
 ``two_stage`` (the same checkpoint with feedback switched off: multi-view generation, then
 reconstruction; the paper's "separated stages" baseline and the no-feedback ablation row).
+Splits (``test`` by default; e.g. ``seen`` and ``held-out`` for the demo) are aggregated apart:
+every table has one row per split and variant, so memorisation and generalisation never mix.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from data_pipeline.atomic import atomic_write_bytes, atomic_write_text
 METRICS = ("psnr", "ssim", "lpips")
 VARIANTS = ("ouroboros", "two_stage")
 ROW_COLUMNS = (
-    "object", "variant", "feedback", "joint_training", "views",
+    "object", "split", "variant", "feedback", "joint_training", "views",
     "mv_psnr", "mv_ssim", "mv_lpips", "gs_psnr", "gs_ssim", "gs_lpips", "seconds",
 )  # fmt: skip
 
@@ -46,24 +48,29 @@ FEEDBACK_LABEL = {"none": "none", "ccm": "CCM", "ccm_rgb": "CCM + RGB"}
 
 
 # ----------------------------------------------------------------------------- aggregates
-def aggregate(rows: list[dict]) -> dict[str, dict]:
-    """Mean of each metric over objects, per variant.
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean of each metric over objects, per split and variant.
 
     Returns:
-        {variant: {"objects": n, "mv_psnr": mean, ..., "gs_lpips": mean}}; PSNR means skip
-        +inf (a pixel-perfect object) so that one perfect match cannot hide the others.
+        [{"split", "variant", "objects": n, "feedback", "joint_training", "mv_psnr": mean, ...,
+        "gs_lpips": mean}], splits in order of appearance, variants in :data:`VARIANTS` order;
+        PSNR means skip +inf (a pixel-perfect object) so that one perfect match cannot hide
+        the others.
     """
-    out: dict[str, dict] = {}
-    for variant in sorted({r["variant"] for r in rows}, key=_variant_order):
-        sel = [r for r in rows if r["variant"] == variant]
-        agg = {"objects": len(sel), "feedback": sel[0]["feedback"],
-               "joint_training": sel[0]["joint_training"]}  # fmt: skip
-        for kind in ("mv", "gs"):
-            for m in METRICS:
-                vals = [float(r[f"{kind}_{m}"]) for r in sel]
-                finite = [v for v in vals if math.isfinite(v)]
-                agg[f"{kind}_{m}"] = float(np.mean(finite)) if finite else float("nan")
-        out[variant] = agg
+    out = []
+    splits = list(dict.fromkeys(r.get("split", "test") for r in rows))
+    for split in splits:
+        in_split = [r for r in rows if r.get("split", "test") == split]
+        for variant in sorted({r["variant"] for r in in_split}, key=_variant_order):
+            sel = [r for r in in_split if r["variant"] == variant]
+            agg = {"split": split, "variant": variant, "objects": len(sel), "feedback": sel[0]["feedback"],
+                   "joint_training": sel[0]["joint_training"]}  # fmt: skip
+            for kind in ("mv", "gs"):
+                for m in METRICS:
+                    vals = [float(r[f"{kind}_{m}"]) for r in sel]
+                    finite = [v for v in vals if math.isfinite(v)]
+                    agg[f"{kind}_{m}"] = float(np.mean(finite)) if finite else float("nan")
+            out.append(agg)
     return out
 
 
@@ -71,7 +78,7 @@ def _variant_order(variant: str) -> int:
     return VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
 
 
-def table1(agg: dict[str, dict], resolution: int) -> list[dict]:
+def table1(agg: list[dict], resolution: int) -> list[dict]:
     """Rows in the layout of the paper's Table 1: task, method, resolution, PSNR, SSIM, LPIPS.
 
     Multi-view rows compare the generated images with the ground truth; 3D rows compare
@@ -83,16 +90,16 @@ def table1(agg: dict[str, dict], resolution: int) -> list[dict]:
     }
     rows = []
     for task, kind, idx in (("Image-to-Multiview", "mv", 0), ("Image-to-3D", "gs", 1)):
-        for variant, a in agg.items():
+        for a in agg:
             rows.append({
-                "task": task, "method": names.get(variant, (variant, variant))[idx],
+                "split": a["split"], "task": task, "method": names.get(a["variant"], (a["variant"],) * 2)[idx],
                 "resolution": f"{resolution}x{resolution}", "objects": a["objects"],
                 "psnr": a[f"{kind}_psnr"], "ssim": a[f"{kind}_ssim"], "lpips": a[f"{kind}_lpips"],
             })  # fmt: skip
     return rows
 
 
-def table2(agg: dict[str, dict]) -> list[dict]:
+def table2(agg: list[dict]) -> list[dict]:
     """Rows in the layout of the paper's Table 2 (ablation of the feedback).
 
     Metrics are those of the 3DGS renders; the deltas are the absolute differences between the
@@ -100,8 +107,8 @@ def table2(agg: dict[str, dict]) -> list[dict]:
     between the generated multiviews and 3DGS").
     """
     rows = []
-    for a in agg.values():
-        row = {"jointly_training": "yes" if a["joint_training"] else "no",
+    for a in agg:
+        row = {"split": a["split"], "jointly_training": "yes" if a["joint_training"] else "no",
                "feedbacks": FEEDBACK_LABEL.get(a["feedback"], a["feedback"]),
                "objects": a["objects"]}  # fmt: skip
         for m in METRICS:
@@ -126,10 +133,10 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-T1_COLUMNS = [("task", "Task"), ("method", "Method"), ("resolution", "Resolution"),
+T1_COLUMNS = [("split", "Objects set"), ("task", "Task"), ("method", "Method"), ("resolution", "Resolution"),
               ("objects", "Objects"), ("psnr", "PSNR ↑"), ("ssim", "SSIM ↑"),
               ("lpips", "LPIPS ↓")]  # fmt: skip
-T2_COLUMNS = [("jointly_training", "Jointly training"), ("feedbacks", "Feedbacks"),
+T2_COLUMNS = [("split", "Objects set"), ("jointly_training", "Jointly training"), ("feedbacks", "Feedbacks"),
               ("objects", "Objects"), ("psnr", "PSNR ↑"), ("ssim", "SSIM ↑"),
               ("lpips", "LPIPS ↓"), ("delta_psnr", "ΔPSNR ↓"), ("delta_ssim", "ΔSSIM ↓"),
               ("delta_lpips", "ΔLPIPS ↓")]  # fmt: skip
@@ -137,8 +144,8 @@ T2_COLUMNS = [("jointly_training", "Jointly training"), ("feedbacks", "Feedbacks
 
 def tables_markdown(t1: list[dict], t2: list[dict], meta: dict) -> str:
     """Table 1 and Table 2 as Markdown, with the run's settings and the paper's numbers."""
-    paper1 = [dict(zip([k for k, _ in T1_COLUMNS], (*r[:3], 100, *r[3:]))) for r in PAPER_TABLE1]
-    paper2 = [dict(zip([k for k, _ in T2_COLUMNS], (*r[:2], 100, *r[2:]))) for r in PAPER_TABLE2]
+    paper1 = [dict(zip([k for k, _ in T1_COLUMNS], ("GSO (paper)", *r[:3], 100, *r[3:]))) for r in PAPER_TABLE1]
+    paper2 = [dict(zip([k for k, _ in T2_COLUMNS], ("GSO (paper)", *r[:2], 100, *r[2:]))) for r in PAPER_TABLE2]
     lpips_note = (
         f"LPIPS trunk: {meta['lpips_net']}"
         + ("" if meta["lpips_comparable"] else
@@ -239,14 +246,15 @@ def write_report(out_dir: str | Path, rows: list[dict], tables: dict, strips: di
     parts = [tables_markdown(tables["table1"], tables["table2"], meta).rstrip(),
              "## Per object",
              "Strip rows, top to bottom: " + ", ".join(STRIP_ROWS) + "."]  # fmt: skip
-    cols = [("variant", "Variant"), ("mv_psnr", "MV PSNR"), ("mv_ssim", "MV SSIM"),
+    cols = [("split", "Objects set"), ("variant", "Variant"), ("mv_psnr", "MV PSNR"), ("mv_ssim", "MV SSIM"),
             ("mv_lpips", "MV LPIPS"), ("gs_psnr", "3DGS PSNR"), ("gs_ssim", "3DGS SSIM"),
             ("gs_lpips", "3DGS LPIPS"), ("seconds", "Seconds")]  # fmt: skip
-    for name in dict.fromkeys(r["object"] for r in rows):
+    for split, obj in dict.fromkeys((r.get("split", "test"), r["object"]) for r in rows):
+        name = obj if split == "test" else f"{split}/{obj}"
         parts.append(f"### {name}")
         if name in strips:
-            parts.append(f"![{name}]({strips[name]})")
-        parts.append(markdown_table([r for r in rows if r["object"] == name], cols))
+            parts.append(f"![{obj}]({strips[name]})")
+        parts.append(markdown_table([r for r in rows if r["object"] == obj and r.get("split", "test") == split], cols))
     path = out_dir / "report.md"
     atomic_write_text(path, "\n\n".join(parts) + "\n")
     return path

@@ -10,8 +10,6 @@ before they are rendered with the model-frame cameras.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from tqdm.auto import tqdm
 
+from data_pipeline.atomic import atomic_dir
 from model import edm
 from model.camera_embedding import CameraEmbedding, latent_plucker_rays
 from model.cameras import lgm_to_model_gaussians
@@ -108,26 +107,41 @@ class Ouroboros3D(nn.Module):
         return cls(config, svd, MultiViewUNet(svd.unet, camera, ccm_adapter, rgb_adapter), lgm)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "Ouroboros3D":
-        """Load a folder written by :meth:`save_pretrained`."""
+    def from_pretrained(cls, path: str | os.PathLike, **overrides) -> "Ouroboros3D":
+        """Load a folder written by :meth:`save_pretrained`.
+
+        ``overrides`` change its config (e.g. ``feedback="ccm_rgb"``, ``joint_training=True``
+        to fine-tune a diffusion-only model with 3D feedback): a feedback adapter the folder
+        does not hold is built fresh (zero output at the start, ``model.feedback_adapter``);
+        ``lgm_path`` replaces the folder's LGM with another pretrained one. The folder's SVD
+        parts are always loaded from the folder itself.
+        """
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; not an Ouroboros3D export")
         config = OuroborosConfig.load(path / CONFIG_NAME)
+        if overrides:
+            try:
+                config = OuroborosConfig.from_dict({**config.to_dict(), **overrides})
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}: overrides {sorted(overrides)}: {err}") from err
         svd = load_svd_components(path)
         camera = CameraEmbedding.from_pretrained(path / "camera_embedding")
-        ccm_adapter = T2IAdapter.from_pretrained(path / "ccm_adapter") if config.feedback != "none" else None
-        rgb_adapter = T2IAdapter.from_pretrained(path / "rgb_adapter") if config.feedback == "ccm_rgb" else None
-        lgm = LGM.from_pretrained(path / "lgm")  # architecture from its own config.json
+
+        def adapter(name: str) -> T2IAdapter:
+            folder = path / name
+            return T2IAdapter.from_pretrained(folder) if folder.is_dir() else build_adapter(config)
+
+        ccm_adapter = adapter("ccm_adapter") if config.feedback != "none" else None
+        rgb_adapter = adapter("rgb_adapter") if config.feedback == "ccm_rgb" else None
+        lgm_dir = overrides.get("lgm_path") or path / "lgm"
+        lgm = LGM.from_pretrained(lgm_dir)  # architecture from its own config.json
         return cls(config, svd, MultiViewUNet(svd.unet, camera, ccm_adapter, rgb_adapter), lgm)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a diffusers-style folder (SVD layout + camera_embedding/, ccm_adapter/,
         rgb_adapter/, lgm/, ouroboros_config.json), atomically: built beside, then renamed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             svd = SVDComponents(self.denoiser.unet, self.vae, self.image_encoder, self.feature_extractor)
             save_svd_components(svd, tmp)
             self.denoiser.camera.save_pretrained(tmp / "camera_embedding")
@@ -137,17 +151,13 @@ class Ouroboros3D(nn.Module):
                 self.denoiser.rgb_adapter.save_pretrained(tmp / "rgb_adapter")
             self.lgm.save_pretrained(tmp / "lgm")
             self.config.save(tmp / CONFIG_NAME)
-            old = path.with_name(f".{path.name}.old")
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ training setup
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """UNet + camera MLP + adapters, and LGM when ``joint_training``; VAE and CLIP frozen."""
+    def trainable_parameters(self, objective: str = "algorithm1") -> list[nn.Parameter]:
+        """``algorithm1``: UNet + camera MLP + adapters, and LGM when ``joint_training``.
+        ``reconstruction``: LGM alone (:meth:`reconstruction_losses`). VAE and CLIP frozen."""
+        if objective == "reconstruction":
+            return list(self.lgm.parameters())
         params = list(self.denoiser.parameters())
         if self.config.joint_training:
             params += list(self.lgm.parameters())
@@ -320,6 +330,28 @@ class Ouroboros3D(nn.Module):
             loss_recon_lpips=recon_lpips.detach(),
             self_cond_used=self_cond,
             visuals=visuals,
+        )
+
+    def reconstruction_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """LGM alone on the clean views (its own pretraining): Eq. 2 of the renders of
+        ``G(x_0, c_noise(sigma_min))`` against the views, the clean pass of Algorithm 1.
+
+        ``batch`` as :meth:`training_losses`. Returns the same keys (``loss_diffusion`` = 0).
+        """
+        images, c2w, K = batch["images"], batch["c2w"], batch["K"]
+        B = images.shape[0]
+        c_noise = edm.c_noise(images.new_full((B,), self.config.edm.sigma_min, dtype=torch.float32))
+        renders = self.render(self.reconstruct(images, c2w, K, c_noise), c2w, K)
+        mse, lp = self._recon_loss(renders, images, batch["alphas"])
+        zero = mse.new_zeros(())
+        return dict(
+            loss=mse + self.config.lpips_weight * lp,
+            loss_diffusion=zero,
+            loss_recon_mse=mse.detach(),
+            loss_recon_lpips=lp.detach(),
+            self_cond_used=False,
+            visuals=dict(target=images.detach(), render_rgb=renders["rgb"].detach(),
+                         render_ccm=renders["ccm"].detach()),
         )
 
     def _recon_loss(self, renders: dict, images: torch.Tensor, alphas: torch.Tensor):

@@ -1,39 +1,40 @@
 #!/usr/bin/env bash
-# The whole flow on the embedded default, on one machine without a GPU (about 20 minutes on
-# 2 cores): render procedural demo objects on a local Ray cluster into shards, train the tiny
-# preset with the deepspeed launcher on two CPU ranks, and score it on held-out demo objects
-# with the GSO benchmark. Re-running resumes each step. Override with environment variables.
+# The whole flow on the embedded default, on one machine without a GPU (about 30 minutes on
+# 2 cores), in the order the paper builds its model: pretrained parts, then joint fine-tuning.
+#   1-4. scripts/tiny_pretrain.sh: render demo objects, train the autoencoder, the multi-view
+#        diffusion model alone and LGM alone on the clean views
+#   5.   fine-tune both jointly with CCM + RGB feedback (Algorithm 1; deepspeed, 2 CPU ranks)
+#   6.   GSO benchmark on the objects it was trained on (seen) and held-out ones, apart
+# Re-running resumes every step. Knobs: the DEMO_* variables below and TINY_* of tiny_pretrain.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${DEMO_OUTPUT:-outputs/demo}
-TRAIN_OBJECTS=${DEMO_TRAIN_OBJECTS:-12}
 HELDOUT_OBJECTS=${DEMO_HELDOUT_OBJECTS:-3}
-RESOLUTION=${DEMO_RESOLUTION:-128}
-TRAIN_STEPS=${DEMO_TRAIN_STEPS:-60}
+JOINT_STEPS=${DEMO_JOINT_STEPS:-60}
 SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-25}
-RANKS=${DEMO_RANKS:-2}
+export TINY_TRAIN_OBJECTS=${TINY_TRAIN_OBJECTS:-4} TINY_RESOLUTION=${TINY_RESOLUTION:-128}
 
-step() { printf '\n\033[1m== %s ==\033[0m\n' "$*"; }
+step() { printf '\n\033[1m== %s ==  (%s)\033[0m\n' "$*" "$(date +%H:%M:%S)"; }
 
-step "1/3 render ${TRAIN_OBJECTS} demo objects on local Ray -> ${OUT}/shards"
-python -m data_pipeline render --source demo --count "${TRAIN_OBJECTS}" \
-    --output "${OUT}/shards" --resolution "${RESOLUTION}" --samples 32 --no-denoise --per-shard 8
-echo "contact sheet: ${OUT}/shards/contact_sheet.png"
+bash scripts/tiny_pretrain.sh "${OUT}"
 
-step "2/3 train the tiny preset for ${TRAIN_STEPS} steps (deepspeed, ${RANKS} CPU ranks)"
-DS_ACCELERATOR=cpu deepspeed --num_accelerators "${RANKS}" training/main.py \
-    --config training/configs/tiny.yaml --data "${OUT}/shards/shard-*.tar" \
-    --output "${OUT}/train" --max-steps "${TRAIN_STEPS}" --resume auto
-echo "TensorBoard: tensorboard --logdir ${OUT}/train/tb"
+step "joint training with CCM + RGB feedback (Algorithm 1) for ${JOINT_STEPS} steps"
+DS_ACCELERATOR=cpu deepspeed --num_accelerators "${TINY_RANKS:-2}" training/main.py \
+    --config training/configs/tiny_joint.yaml --data "${OUT}/shards/shard-*.tar" --output "${OUT}/train" \
+    --max-steps "${JOINT_STEPS}" --resume auto \
+    --set "model.pretrained=${OUT}/diffusion/export" --set "model.overrides.lgm_path=${OUT}/lgm/export/lgm"
+echo "TensorBoard: tensorboard --logdir ${OUT}"
 
-step "3/3 GSO benchmark on ${HELDOUT_OBJECTS} held-out demo objects"
-python scripts/demo_heldout.py --count "${HELDOUT_OBJECTS}" --output "${OUT}/heldout_gso"
-python eval/gso_benchmark.py --gso-root "${OUT}/heldout_gso" --checkpoint "${OUT}/train/export" \
-    --output "${OUT}/benchmark" --selection "${OUT}/heldout_gso/selection.txt" \
-    --steps "${SAMPLE_STEPS}"
+step "GSO benchmark: ${TINY_TRAIN_OBJECTS} seen and ${HELDOUT_OBJECTS} held-out demo objects"
+python scripts/demo_gso.py --seed 0 --count "${TINY_TRAIN_OBJECTS}" --output "${OUT}/seen_gso"
+python scripts/demo_gso.py --count "${HELDOUT_OBJECTS}" --output "${OUT}/heldout_gso"
+python eval/gso_benchmark.py --gso-root "seen=${OUT}/seen_gso" --gso-root "held-out=${OUT}/heldout_gso" \
+    --checkpoint "${OUT}/train/export" --output "${OUT}/benchmark" --selection all \
+    --resolution "${TINY_RESOLUTION}" --steps "${SAMPLE_STEPS}"
 
 step "done"
 echo "rendered objects: ${OUT}/shards/contact_sheet.png"
-echo "training logs:    ${OUT}/train/tb"
+echo "autoencoder:      ${OUT}/autoencoder/roundtrip.png"
+echo "training logs:    tensorboard --logdir ${OUT}"
 echo "benchmark report: ${OUT}/benchmark/report.md"

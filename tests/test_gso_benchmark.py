@@ -105,7 +105,7 @@ def test_selection_and_root_errors_name_the_file(tmp_path):
 
 
 def _row(obj, variant, feedback, mv, gs):
-    return dict(object=obj, variant=variant, feedback=feedback, joint_training=True, views=8,
+    return dict(object=obj, split="test", variant=variant, feedback=feedback, joint_training=True, views=8,
                 mv_psnr=mv[0], mv_ssim=mv[1], mv_lpips=mv[2], gs_psnr=gs[0], gs_ssim=gs[1],
                 gs_lpips=gs[2], seconds=1.0)  # fmt: skip
 
@@ -134,13 +134,28 @@ def test_tables_have_paper_layout_and_correct_means(tmp_path):
     assert t2[1]["delta_psnr"] == pytest.approx(1.0)
     assert t2[1]["delta_lpips"] == pytest.approx(0.1)
     md = (tmp_path / "tables.md").read_text()
-    assert "NOT comparable" in md and "| Image-to-3D | Ouroboros3D (LGM) | 64x64 | 2 |" in md
+    assert "NOT comparable" in md and "| test | Image-to-3D | Ouroboros3D (LGM) | 64x64 | 2 |" in md
     assert json.loads((tmp_path / "tables.json").read_text())["table2"][0]["feedbacks"] == "CCM + RGB"
     pq_path, csv_path = report.write_rows(tmp_path, rows)
     import pyarrow.parquet as pq
 
     assert pq.read_table(pq_path).num_rows == 4
-    assert csv_path.read_text().splitlines()[0].startswith('"object","variant"')
+    assert csv_path.read_text().splitlines()[0].startswith('"object","split","variant"')
+
+
+def test_splits_are_aggregated_apart(tmp_path):
+    """Seen and held-out objects never share a mean: one table row per split and variant."""
+    rows = [
+        dict(_row("a", "ouroboros", "ccm_rgb", (30.0, 0.9, 0.1), (25.0, 0.8, 0.2)), split="seen"),
+        dict(_row("b", "ouroboros", "ccm_rgb", (10.0, 0.5, 0.5), (9.0, 0.4, 0.6)), split="held-out"),
+        dict(_row("c", "ouroboros", "ccm_rgb", (12.0, 0.5, 0.5), (11.0, 0.4, 0.6)), split="held-out"),
+    ]
+    meta = dict(checkpoint="ckpt", objects=3, steps=2, views=8, resolution=64,
+                lpips_net="vgg", lpips_comparable=True)  # fmt: skip
+    result = report.write_tables(tmp_path, rows, meta)
+    mv = [(r["split"], r["objects"], r["psnr"]) for r in result["table1"] if r["task"] == "Image-to-Multiview"]
+    assert mv == [("seen", 1, 30.0), ("held-out", 2, 11.0)]
+    assert [(r["split"], r["psnr"]) for r in result["table2"]] == [("seen", 25.0), ("held-out", 10.0)]
 
 
 def test_image_strip_layout():

@@ -13,7 +13,6 @@ so ``latest`` only ever names a complete checkpoint. The export (``<output>/expo
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -124,14 +123,5 @@ def resume(engine, ckpt_dir: str | Path, tag: str) -> dict:
 
 def export(model, out_dir: str | Path) -> Path:
     """Inference weights (``model.save_pretrained``) swapped into ``out_dir`` atomically (rank 0)."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    model.save_pretrained(out_dir)  # built beside and swapped in (data_pipeline.atomic.atomic_dir)
     return out_dir

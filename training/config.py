@@ -13,11 +13,15 @@ from pathlib import Path
 import yaml
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+# What the engine trains: Algorithm 1 (the paper), or LGM alone on the clean views (Eq. 2 at
+# c_noise(sigma_min)), LGM's own pretraining, which gives the joint stage a pretrained LGM.
+OBJECTIVES = ("algorithm1", "reconstruction")
 
 
 @dataclass
 class ModelSection:
-    """``preset`` of ``model.config`` with field ``overrides``, or a ``pretrained`` export dir."""
+    """``preset`` of ``model.config`` with field ``overrides``, or a ``pretrained`` export dir
+    (its config with the same ``overrides`` applied: ``Ouroboros3D.from_pretrained``)."""
 
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)
@@ -59,6 +63,7 @@ class OptimSection:
 @dataclass
 class TrainConfig:
     seed: int = 0
+    objective: str = "algorithm1"
     max_steps: int = 30000
     checkpoint_every: int = 1000
     keep_last: int = 3
@@ -70,6 +75,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         o = self.optim
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if o.precision not in PRECISIONS:
             raise ValueError(f"optim.precision must be one of {PRECISIONS}, got {o.precision!r}")
         if o.total_batch % o.micro_batch:
@@ -96,14 +103,36 @@ def _build(cls, data: dict, where: str):
     return cls(**kwargs)
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a training YAML; errors name the file and the key."""
+def apply_overrides(data: dict, assignments: list[str]) -> dict:
+    """``key.sub=value`` assignments (values parsed as YAML) applied to a config mapping.
+
+    ``model.overrides.svd_path=runs/ae/svd`` sets ``data["model"]["overrides"]["svd_path"]``;
+    intermediate mappings are created where missing (unknown keys still fail validation).
+    """
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key.path=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {name} is not a mapping")
+        node[leaf] = yaml.safe_load(text)
+    return data
+
+
+def load_config(path: str | Path, assignments: list[str] = ()) -> TrainConfig:
+    """Read and validate a training YAML, with ``--set`` assignments applied (see
+    :func:`apply_overrides`); errors name the file and the key."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(f"{path}: cannot read the training config ({exc})") from exc
     try:
+        data = apply_overrides(data, list(assignments))
         cfg = _build(TrainConfig, data, str(path))
         cfg.optim.betas = tuple(cfg.optim.betas)
         cfg.validate()

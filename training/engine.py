@@ -102,15 +102,17 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
 
 
 class TrainingObjective(torch.nn.Module):
-    """``forward(batch, generator)`` = ``model.training_losses`` (Algorithm 1, section 3.3).
+    """``forward(batch, generator)`` = ``model.training_losses`` (Algorithm 1, section 3.3), or
+    ``model.reconstruction_losses`` (LGM alone on clean views) for the ``reconstruction`` objective.
 
     Image-like batch tensors are cast to the parameters' dtype (fp16 / bf16 engines); the
     cameras stay float32.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, objective: str = "algorithm1"):
         super().__init__()
         self.model = model
+        self.objective = objective
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         dtype = next(self.model.parameters()).dtype
@@ -118,6 +120,8 @@ class TrainingObjective(torch.nn.Module):
             k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k not in CAMERA_KEYS else v
             for k, v in batch.items()
         }
+        if self.objective == "reconstruction":
+            return self.model.reconstruction_losses(batch, generator=generator)
         return self.model.training_losses(batch, generator=generator)
 
 
@@ -125,12 +129,15 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed):
     """Wrap the model in a DeepSpeed engine (ZeRO-2, AdamW on the trainable parameters only)."""
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    params = [p for p in model.trainable_parameters() if p.requires_grad]
+    if cfg.objective == "reconstruction":  # LGM alone: the denoiser stays as it is
+        model.denoiser.requires_grad_(False)
+        model.lgm.requires_grad_(True)
+    params = [p for p in model.trainable_parameters(cfg.objective) if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     ds_config = deepspeed_config(cfg, torch.distributed.get_world_size())
     engine, _, _, _ = deepspeed.initialize(
-        model=TrainingObjective(model), model_parameters=params, config=ds_config
+        model=TrainingObjective(model, cfg.objective), model_parameters=params, config=ds_config
     )
     return engine
 

@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="shard pattern: dir, glob, {a..b} braces, pipe:, URLs; '::' joins")
     p.add_argument("--output", required=True, help="run folder")
     p.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
+                   help="override a config entry, e.g. model.overrides.svd_path=runs/ae/svd (repeatable)")
     p.add_argument("--resume", default="none", help="'auto' (latest checkpoint if any), 'none', or a tag")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
@@ -50,8 +52,8 @@ def build_model(cfg: TrainConfig):
     from model.ouroboros import Ouroboros3D
 
     torch.manual_seed(cfg.seed)
-    if cfg.model.pretrained:
-        return Ouroboros3D.from_pretrained(cfg.model.pretrained)
+    if cfg.model.pretrained:  # overrides switch parts on or off (new parts are built fresh)
+        return Ouroboros3D.from_pretrained(cfg.model.pretrained, **cfg.model.overrides)
     return Ouroboros3D.from_config(preset(cfg.model.preset, **cfg.model.overrides))
 
 
@@ -71,7 +73,7 @@ def _write_run_files(output: Path, cfg: TrainConfig, ds_config: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.assignments)
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps
         cfg.validate()

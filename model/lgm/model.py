@@ -10,8 +10,6 @@ their zero initialisation). ``save_pretrained`` writes ``model.safetensors`` + `
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data_pipeline.atomic import atomic_dir
 from model.gaussians import NUM_CHANNELS
 from model.lgm.config import LGMConfig
 from model.lgm.time_embedding import is_time_embedding_key
@@ -142,21 +141,7 @@ class LGM(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``model.safetensors`` and ``config.json`` into ``directory``, atomically
         (built in a temporary folder beside it, then moved in)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-        try:
+        with atomic_dir(directory) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             (tmp / CONFIG_NAME).write_text(self.config.to_json())
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise

@@ -1,10 +1,13 @@
-"""Held-out demo objects for the demo's benchmark step, in the Google Scanned Objects layout.
+"""Demo objects in the Google Scanned Objects layout, for the benchmark step.
 
-Procedural objects from a seed the demo never trains on, each exported as
-``<output>/<name>/meshes/model.obj`` + ``materials/textures/texture.png``, plus
-``<output>/selection.txt`` listing them (the benchmark's ``--selection``).
+Procedural objects of a seed, each exported as ``<output>/<name>/meshes/model.obj`` +
+``materials/textures/texture.png``, plus ``<output>/selection.txt`` listing them (the
+benchmark's ``--selection``). The default seed is one the demo never trains on (held-out
+objects); ``--seed 0 --count N`` gives the first N objects the demo trains on (seen objects:
+same names, so the benchmark's ground-truth orbit has the cameras of training orbit 0).
 
-    python scripts/demo_heldout.py --count 3 --output outputs/demo/heldout_gso
+    python scripts/demo_gso.py --count 3 --output outputs/demo/heldout_gso
+    python scripts/demo_gso.py --seed 0 --count 4 --output outputs/demo/seen_gso
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def main() -> None:
                  for rec in demo_objects(args.count, tmp, seed=args.seed)]
     selection = args.output / "selection.txt"
     atomic_write_text(selection, "".join(f"{name}\n" for name in names))
-    print(f"{len(names)} held-out objects in GSO layout under {args.output}")
+    print(f"{len(names)} demo objects (seed {args.seed}) in GSO layout under {args.output}")
 
 
 if __name__ == "__main__":

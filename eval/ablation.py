@@ -1,0 +1,112 @@
+"""Table 2 from separately trained checkpoints: one GSO benchmark run per ablation row.
+
+Each row of the paper's Table 2 is its own training run (joint training on or off, feedback
+none / CCM / CCM + RGB). Each run's checkpoint is scored by ``eval/gso_benchmark.py`` with its
+own setting (variant ``ouroboros``: the checkpoint as trained); this collects those benchmark
+folders into one table per objects set (e.g. seen / held-out), with the 3DGS metrics and the
+Δ columns (|multi-view − 3DGS|), and one comparison picture per object.
+
+    python -m eval.ablation --row <bench dir> [--row <bench dir> ...] --output <dir>
+
+Writes ``table2.md``, ``table2.json`` and ``strips/<split>/<object>.png`` (rows: ground truth,
+then for each ablation row its generated views and its 3DGS renders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from data_pipeline.atomic import atomic_write_text
+from eval import report
+
+VARIANT = "ouroboros"
+COLUMNS = [("split", "Objects set"), ("run", "Run"), ("jointly_training", "Jointly training"),
+           ("feedbacks", "Feedbacks"), ("objects", "Objects"), ("mv_psnr", "MV PSNR ↑"),
+           ("psnr", "3DGS PSNR ↑"), ("ssim", "3DGS SSIM ↑"), ("lpips", "3DGS LPIPS ↓"),
+           ("delta_psnr", "ΔPSNR ↓"), ("delta_ssim", "ΔSSIM ↓"), ("delta_lpips", "ΔLPIPS ↓")]  # fmt: skip
+
+
+def load_rows(bench_dir: Path) -> list[dict]:
+    """The benchmark's per-object rows of the checkpoint as trained (variant ``ouroboros``)."""
+    path = bench_dir / "per_object.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a finished GSO benchmark folder")
+    rows = [r for r in pq.read_table(path).to_pylist() if r["variant"] == VARIANT]
+    if not rows:
+        raise ValueError(f"{path}: no '{VARIANT}' rows (run the benchmark with that variant)")
+    return rows
+
+
+def ablation_table(runs: dict[str, list[dict]]) -> list[dict]:
+    """One Table 2 row per (objects set, run): 3DGS metrics, MV PSNR and the Δ columns."""
+    out = []
+    splits = list(dict.fromkeys(r["split"] for rows in runs.values() for r in rows))
+    for split in splits:
+        for name, rows in runs.items():
+            for agg in report.aggregate([r for r in rows if r["split"] == split]):
+                row = report.table2([agg])[0]
+                row.update(run=name, mv_psnr=agg["mv_psnr"])
+                out.append(row)
+    return out
+
+
+def strip_rows(path: Path) -> list[np.ndarray]:
+    """A benchmark strip split back into its rows of 8 views ([H, W, 3] uint8 each)."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    side = (image.shape[1] - 7) // 8
+    return [image[i * (side + 1): i * (side + 1) + side] for i in range((image.shape[0] + 1) // (side + 1))]
+
+
+def comparison_strip(paths: list[Path]) -> np.ndarray:
+    """Ground truth, then each run's generated views and 3DGS renders, 1 px white gaps."""
+    rows = [strip_rows(paths[0])[0]]
+    for path in paths:
+        rows += strip_rows(path)[1:3]
+    gap = np.full((1, rows[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([x for row in rows for x in (row, gap)][:-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.ablation", description=__doc__.splitlines()[0])
+    p.add_argument("--row", action="append", required=True, type=Path, metavar="BENCH_DIR",
+                   help="a benchmark output folder, one per Table 2 row, in the table's order")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--title", default="Table 2 (feedback ablation)")
+    args = p.parse_args(argv)
+    runs = {path.name: load_rows(path) for path in args.row}
+    table = ablation_table(runs)
+    meta = json.loads((args.row[0] / "tables.json").read_text())["meta"]
+    pictures = []
+    first = runs[args.row[0].name]
+    for split, obj in dict.fromkeys((r["split"], r["object"]) for r in first):
+        rel = obj if split == "test" else f"{split}/{obj}"
+        paths = [path / "strips" / f"{rel}.png" for path in args.row]
+        if all(path.is_file() for path in paths):
+            report.save_png(args.output / "strips" / f"{rel}.png", comparison_strip(paths))
+            pictures.append((rel, f"strips/{rel}.png"))
+    order = ", ".join(f"`{path.name}` (generated views, 3DGS renders)" for path in args.row)
+    lpips = f"LPIPS: {meta['lpips_net']}" + ("" if meta["lpips_comparable"] else " with a RANDOM trunk (not comparable)")
+    text = "\n\n".join([
+        f"# {args.title}",
+        f"{meta['steps']} sampling steps, {meta['views']} views per object, {meta['resolution']} px; "
+        f"{lpips}. Each run is scored as trained (variant `{VARIANT}`); Δ = |multi-view − 3DGS|.",
+        report.markdown_table(table, COLUMNS),
+        f"## Per object\n\nRows, top to bottom: ground truth, then {order}.",
+        *[f"### {rel}\n\n![{rel}]({pic})" for rel, pic in pictures],
+    ]) + "\n"  # fmt: skip
+    atomic_write_text(args.output / "table2.md", text)
+    atomic_write_text(args.output / "table2.json", json.dumps(dict(meta=meta, rows=table), indent=2))
+    print(report.markdown_table(table, COLUMNS))
+    print(f"report: {args.output / 'table2.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
