@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", help="model preset whose vae config is trained")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=2, help="orbits per step (x 8 views)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decay down to lr x this")
     p.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
     p.add_argument("--mse-weight", type=float, default=1.0, help="squared-error term beside L1")

@@ -104,7 +104,8 @@ def _build(cls, data: dict, where: str):
 
 
 def apply_overrides(data: dict, assignments: list[str]) -> dict:
-    """``key.sub=value`` assignments (values parsed as YAML) applied to a config mapping.
+    """``key.sub=value`` assignments (values parsed as YAML, ``3e-4`` as a number) applied to a
+    config mapping.
 
     ``model.overrides.svd_path=runs/ae/svd`` sets ``data["model"]["overrides"]["svd_path"]``;
     intermediate mappings are created where missing (unknown keys still fail validation).
@@ -119,8 +120,18 @@ def apply_overrides(data: dict, assignments: list[str]) -> dict:
             node = node.setdefault(name, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {item!r}: {name} is not a mapping")
-        node[leaf] = yaml.safe_load(text)
+        node[leaf] = _scalar(yaml.safe_load(text))
     return data
+
+
+def _scalar(value):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; a command line means the number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf") else value
+        except ValueError:
+            return value
+    return value
 
 
 def load_config(path: str | Path, assignments: list[str] = ()) -> TrainConfig:
