@@ -163,6 +163,14 @@ class Ouroboros3D(nn.Module):
             params += list(self.lgm.parameters())
         return params
 
+    def trainable_parameter_groups(self, objective: str = "algorithm1") -> dict[str, list[nn.Parameter]]:
+        """:meth:`trainable_parameters` by model: ``denoiser`` (UNet, camera MLP, adapters) and
+        ``lgm`` (when it trains); for per-model gradient norms and clipping."""
+        params = set(self.trainable_parameters(objective))
+        groups = {"denoiser": [p for p in self.denoiser.parameters() if p in params],
+                  "lgm": [p for p in self.lgm.parameters() if p in params]}  # fmt: skip
+        return {k: [p for p in v if p.requires_grad] for k, v in groups.items() if v}
+
     def enable_gradient_checkpointing(self) -> None:
         self.denoiser.enable_gradient_checkpointing()
         if hasattr(self.lgm, "enable_gradient_checkpointing"):

@@ -13,6 +13,10 @@ from pathlib import Path
 import yaml
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+# ``global``: one norm over every trainable parameter, clipped by DeepSpeed (the paper's recipe).
+# ``per_model``: the denoiser's and LGM's gradients clipped each to ``grad_clip`` on their own
+# (training/engine.py, clip_per_model; why: docs/training.md, "Gradient clipping").
+CLIP_MODES = ("global", "per_model")
 # What the engine trains: Algorithm 1 (the paper), or LGM alone on the clean views (Eq. 2 at
 # c_noise(sigma_min)), LGM's own pretraining, which gives the joint stage a pretrained LGM.
 OBJECTIVES = ("algorithm1", "reconstruction")
@@ -55,6 +59,7 @@ class OptimSection:
     eps: float = 1e-8
     warmup_steps: int = 0
     grad_clip: float = 1.0
+    grad_clip_mode: str = "global"
     precision: str = "auto"
     zero_stage: int = 2
     deepspeed_config: str = "auto"
@@ -77,6 +82,8 @@ class TrainConfig:
         o = self.optim
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if o.grad_clip_mode not in CLIP_MODES:
+            raise ValueError(f"optim.grad_clip_mode must be one of {CLIP_MODES}, got {o.grad_clip_mode!r}")
         if o.precision not in PRECISIONS:
             raise ValueError(f"optim.precision must be one of {PRECISIONS}, got {o.precision!r}")
         if o.total_batch % o.micro_batch:

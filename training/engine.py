@@ -87,7 +87,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         train_batch_size=o.total_batch,
         train_micro_batch_size_per_gpu=o.micro_batch,
         gradient_accumulation_steps=o.total_batch // per_step,
-        gradient_clipping=o.grad_clip,
+        gradient_clipping=o.grad_clip if o.grad_clip_mode == "global" else 0.0,
     )
     ds["optimizer"]["params"].update(lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if not torch.cuda.is_available():
@@ -160,13 +160,55 @@ class StepResult:
     data_wait_s: float
     step_s: float
     visuals: dict
+    grad_norms: dict  # per parameter group, before clipping (empty when not measured)
 
 
-def train_step(engine, batches, seed: int, want_visuals: bool = False) -> StepResult:
+def group_grad_norms(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
+    """L2 norm of each parameter group's full gradient (ZeRO-partitioned or not), all ranks'
+    average; call at a gradient-accumulation boundary, before ``engine.step()``.
+
+    Under fp16 the gradients still carry the loss scale: the norms are divided by it by the
+    caller (:func:`train_step`).
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    norms = {}
+    for name, params in groups.items():
+        total = 0.0
+        for p in params:
+            g = safe_get_full_grad(p)
+            if g is not None:
+                total += float(g.float().pow(2).sum())
+        norms[name] = total**0.5
+    return norms
+
+
+def clip_per_model(groups: dict[str, list[torch.nn.Parameter]], norms: dict[str, float], max_norm: float,
+                   loss_scale: float = 1.0) -> None:
+    """Scale each group's gradient to norm at most ``max_norm`` on its own (``grad_clip_mode:
+    per_model``), so one model's large gradients cannot shrink the other's step."""
+    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+    for name, params in groups.items():
+        factor = max_norm * loss_scale / (norms[name] + 1e-6)
+        if factor >= 1.0:
+            continue
+        for p in params:
+            g = safe_get_full_grad(p)
+            if g is not None:
+                safe_set_full_grad(p, g * factor)
+
+
+def train_step(engine, batches, seed: int, want_visuals: bool = False,
+               groups: dict[str, list[torch.nn.Parameter]] | None = None,
+               clip_mode: str = "global", max_norm: float = 1.0) -> StepResult:
     """One optimizer step: ``gradient_accumulation_steps`` micro batches, backward, step.
 
     Args:
         batches: iterator of loader batches.  seed: run seed (generator per micro step).
+        groups: parameter groups (``Ouroboros3D.trainable_parameter_groups``) whose gradient
+            norms are measured before the step (``StepResult.grad_norms``); required by
+            ``clip_mode="per_model"``, which clips each group to ``max_norm`` on its own.
     """
     accum = engine.gradient_accumulation_steps()
     rank = torch.distributed.get_rank()
@@ -174,6 +216,7 @@ def train_step(engine, batches, seed: int, want_visuals: bool = False) -> StepRe
     self_cond = 0
     wait = 0.0
     visuals: dict = {}
+    grad_norms: dict = {}
     start = time.perf_counter()
     for micro in range(accum):
         t0 = time.perf_counter()
@@ -183,6 +226,12 @@ def train_step(engine, batches, seed: int, want_visuals: bool = False) -> StepRe
         generator = torch.Generator(device=engine.device).manual_seed(step_seed(seed, rank, micro_step))
         out = engine(batch, generator=generator)
         engine.backward(out["loss"])
+        if groups is not None and engine.is_gradient_accumulation_boundary():
+            loss_scale = float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)
+            norms = group_grad_norms(groups)
+            if clip_mode == "per_model":
+                clip_per_model(groups, norms, max_norm, loss_scale)
+            grad_norms = {k: v / loss_scale for k, v in norms.items()}
         engine.step()
         for k, v in out.items():
             if k.startswith("loss") and torch.is_tensor(v):
@@ -196,4 +245,5 @@ def train_step(engine, batches, seed: int, want_visuals: bool = False) -> StepRe
         data_wait_s=wait,
         step_s=time.perf_counter() - start,
         visuals=visuals,
+        grad_norms=grad_norms,
     )

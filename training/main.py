@@ -122,14 +122,22 @@ def main(argv=None) -> int:
 
     batches = iter(loader)
     step = start
+    groups = engine.module.model.trainable_parameter_groups(cfg.objective)
+    per_model = cfg.optim.grad_clip_mode == "per_model"
     while step < cfg.max_steps:
         want_images = (step + 1) % cfg.images_every == 0
-        result = train_step(engine, batches, cfg.seed, want_visuals=want_images)
+        measure = per_model or (step + 1) % cfg.log_every == 0  # per-model norms cost a gather
+        result = train_step(engine, batches, cfg.seed, want_visuals=want_images,
+                            groups=groups if measure else None, clip_mode=cfg.optim.grad_clip_mode,
+                            max_norm=cfg.optim.grad_clip)  # fmt: skip
         step = engine.global_steps
         losses = _mean_over_ranks(result.losses)
         grad_norm = engine.get_global_grad_norm()
+        if per_model:  # DeepSpeed clipped nothing and measured no norm: ours, before clipping
+            grad_norm = sum(v**2 for v in result.grad_norms.values()) ** 0.5
         record = dict(losses, lr=engine.get_lr()[0],
-                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                      **{f"grad_norm_{k}": v for k, v in result.grad_norms.items()})
         logger.step(step, record)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             shared = _mean_over_ranks(dict(
@@ -145,6 +153,7 @@ def main(argv=None) -> int:
                 **{f"loss/{k}": v for k, v in losses.items()},
                 "optim/lr": record["lr"],
                 "optim/grad_norm": record["grad_norm"],
+                **{f"optim/grad_norm_{k}": v for k, v in result.grad_norms.items()},
                 **({"optim/loss_scale": float(loss_scale)} if loss_scale is not None else {}),
                 "data/samples_per_s": shared["samples_per_s"],
                 "data/wait_s": shared["data_wait_s"],
