@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # DeepSpeed's accelerator: CUDA where there is one, else CPU ranks
 export DS_ACCELERATOR=${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+# a free rendezvous port per launch: another DeepSpeed job on this machine may hold the default
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 OUT=${DEMO_OUTPUT:-outputs/demo}
 HELDOUT_OBJECTS=${DEMO_HELDOUT_OBJECTS:-3}
@@ -22,7 +24,7 @@ step() { printf '\n\033[1m== %s ==  (%s)\033[0m\n' "$*" "$(date +%H:%M:%S)"; }
 bash scripts/tiny_pretrain.sh "${OUT}"
 
 step "joint training with CCM + RGB feedback (Algorithm 1) for ${JOINT_STEPS} steps"
-deepspeed --num_accelerators "${TINY_RANKS:-2}" training/main.py \
+deepspeed --master_port "$(free_port)" --num_accelerators "${TINY_RANKS:-2}" training/main.py \
     --config training/configs/tiny_joint.yaml --data "${OUT}/shards/shard-*.tar" --output "${OUT}/train" \
     --max-steps "${JOINT_STEPS}" --resume auto \
     --set "model.pretrained=${OUT}/diffusion/export" --set "model.overrides.lgm_path=${OUT}/lgm/export/lgm"

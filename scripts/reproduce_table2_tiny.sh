@@ -16,6 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # DeepSpeed's accelerator: CUDA where there is one, else CPU ranks
 export DS_ACCELERATOR=${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+# a free rendezvous port per launch: another DeepSpeed job on this machine may hold the default
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 OUT=${TABLE2_OUTPUT:-outputs/table2_tiny}
 BASE=${TABLE2_BASE:-${OUT}/pretrain}
@@ -36,7 +38,7 @@ BENCHES=()
 for row in "${ROWS[@]}"; do
     IFS=: read -r name joint feedback <<<"${row}"
     step "row ${name}: joint_training=${joint}, feedback=${feedback}, ${JOINT_STEPS} steps"
-    deepspeed --num_accelerators "${RANKS}" training/main.py --config training/configs/tiny_joint.yaml \
+    deepspeed --master_port "$(free_port)" --num_accelerators "${RANKS}" training/main.py --config training/configs/tiny_joint.yaml \
         --data "${BASE}/shards/shard-*.tar" --output "${OUT}/runs/${name}" --max-steps "${JOINT_STEPS}" \
         --resume auto --set "model.pretrained=${BASE}/diffusion/export" \
         --set "model.overrides.lgm_path=${BASE}/lgm/export/lgm" \

@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # DeepSpeed's accelerator: CUDA where there is one, else CPU ranks
 export DS_ACCELERATOR=${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+# a free rendezvous port per launch: another DeepSpeed job on this machine may hold the default
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 OUT=$1
 TRAIN_OBJECTS=${TINY_TRAIN_OBJECTS:-4}
@@ -21,7 +23,7 @@ RANKS=${TINY_RANKS:-2}
 SHARDS="${OUT}/shards/shard-*.tar"
 
 step() { printf '\n\033[1m== %s ==  (%s)\033[0m\n' "$*" "$(date +%H:%M:%S)"; }
-train() { deepspeed --num_accelerators "${RANKS}" training/main.py --data "${SHARDS}" --resume auto "$@"; }
+train() { deepspeed --master_port "$(free_port)" --num_accelerators "${RANKS}" training/main.py --data "${SHARDS}" --resume auto "$@"; }
 
 step "render ${TRAIN_OBJECTS} demo objects on local Ray -> ${OUT}/shards"
 python -m data_pipeline render --source demo --count "${TRAIN_OBJECTS}" \
@@ -32,7 +34,7 @@ echo "contact sheet: ${OUT}/shards/contact_sheet.png"
 step "train the autoencoder for ${AE_STEPS} steps, and beside it LGM alone on the clean views for ${LGM_STEPS} steps"
 mkdir -p "${OUT}"
 echo "LGM log: ${OUT}/lgm.log"
-deepspeed --num_accelerators 1 training/main.py --data "${SHARDS}" --resume auto \
+deepspeed --master_port "$(free_port)" --num_accelerators 1 training/main.py --data "${SHARDS}" --resume auto \
     --config training/configs/tiny_lgm.yaml --output "${OUT}/lgm" --max-steps "${LGM_STEPS}" > "${OUT}/lgm.log" 2>&1 &
 lgm=$!
 python -m training.autoencoder --data "${SHARDS}" --output "${OUT}/autoencoder" --steps "${AE_STEPS}" --batch 1

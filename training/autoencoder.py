@@ -196,6 +196,9 @@ def main(argv=None) -> int:
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         log.info("resumed from %s at step %d", ckpt, step)
+    if step >= args.steps and (out / "autoencoder.json").is_file() and (out / SVD_DIR / "vae").is_dir():
+        log.info("%s: already trained for %d steps; nothing to do", out, step)
+        return 0
     lines = [ln for ln in (out / "losses.jsonl").read_text().splitlines()
              if ln and json.loads(ln)["step"] <= step] if (out / "losses.jsonl").exists() else []  # fmt: skip
     atomic_write_text(out / "losses.jsonl", "".join(ln + "\n" for ln in lines))
