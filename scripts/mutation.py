@@ -173,6 +173,57 @@ MUTANTS = [
       "BLENDER_TO_OPENCV = np.diag([1.0, 1.0, -1.0, 1.0])", (CONV,)),
 ]
 
+_STOP = []  # set by SIGINT/SIGTERM: pytest.main swallows KeyboardInterrupt in in-process mode
+
+
+def _stop(signum, frame):
+    _STOP.append(signum)
+    raise KeyboardInterrupt
+
+
+# The test(s) written to kill each mutant (``--targeted``: only these run; cheap enough for a
+# loaded 2-core machine, and it verifies the claim "this test kills that mutant").
+_A1 = A1 + "::"
+_A2 = A2 + "::"
+_G = GRAD + "::"
+TARGETS = {
+    "ouroboros.clean_pass_removed": (_A1 + "test_reconstruct_sees_noisy_pass_at_c_noise_sigma_and_clean_pass_at_sigma_min",
+                                     _A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips"),
+    "ouroboros.clean_pass_at_noisy_sigma": (_A1 + "test_reconstruct_sees_noisy_pass_at_c_noise_sigma_and_clean_pass_at_sigma_min",),
+    "ouroboros.clean_pass_at_time_zero": (_A1 + "test_reconstruct_sees_noisy_pass_at_c_noise_sigma_and_clean_pass_at_sigma_min",),
+    "ouroboros.lpips_dropped": (_A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips",
+                                _A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient"),
+    "ouroboros.lpips_detached": (_A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient",),
+    "ouroboros.lpips_unweighted": (_A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips",
+                                   _A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient"),
+    "ouroboros.dropout_not_applied_to_embedding": (_A1 + "test_dropped_conditions_reach_the_unet_as_zeros",),
+    "ouroboros.dropout_not_applied_to_latent": (_A1 + "test_dropped_conditions_reach_the_unet_as_zeros",),
+    "ouroboros.dropout_masks_swapped": (_A1 + "test_dropped_conditions_reach_the_unet_as_zeros",),
+    "ouroboros.lgm_zero_c_noise_noisy_pass": (_A1 + "test_reconstruct_sees_noisy_pass_at_c_noise_sigma_and_clean_pass_at_sigma_min",),
+    "ouroboros.noisy_pass_on_targets": (_A1 + "test_reconstruct_sees_noisy_pass_at_c_noise_sigma_and_clean_pass_at_sigma_min",),
+    "ouroboros.clean_pass_on_predictions": (_A1 + "test_reconstruct_sees_noisy_pass_at_c_noise_sigma_and_clean_pass_at_sigma_min",),
+    "ouroboros.feedback_ccm_not_detached": (_A1 + "test_feedback_reaches_the_second_pass_detached", _G + "test_per_pass_gradients_at_initialisation"),
+    "ouroboros.feedback_rgb_not_detached": (_A1 + "test_feedback_reaches_the_second_pass_detached",),
+    "ouroboros.second_pass_zero_feedback": (_A1 + "test_feedback_reaches_the_second_pass_detached",),
+    "ouroboros.first_pass_with_grad": (_A1 + "test_feedback_reaches_the_second_pass_detached",),
+    "ouroboros.diffusion_loss_from_first_pass": (_A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips",),
+    "ouroboros.no_lgm_for_self_cond_without_joint": (_A1 + "test_feedback_reaches_the_second_pass_detached",),
+    "ouroboros.euler_leaves_x_in_place": (_A2 + "test_point_mass_oracle_follows_the_exact_ode_and_ends_at_x0",
+                                          _A2 + "test_gaussian_posterior_mean_oracle_matches_eulers_closed_form",
+                                          _A2 + "test_gaussian_posterior_mean_oracle_samples_the_data_distribution"),
+    "ouroboros.initial_noise_unscaled": (_A2 + "test_point_mass_oracle_follows_the_exact_ode_and_ends_at_x0",),
+    "ouroboros.schedule_rho_1": (_A2 + "test_point_mass_oracle_follows_the_exact_ode_and_ends_at_x0",),
+    "ouroboros.feedback_stale_after_step_0": (_A2 + "test_each_step_sees_the_renders_of_the_previous_steps_x0",),
+    "ouroboros.sampler_lgm_at_c_noise_zero": (_A2 + "test_each_step_sees_the_renders_of_the_previous_steps_x0",),
+    "ouroboros.use_feedback_ignored": (_A2 + "test_with_and_without_feedback_agree_at_step_0_and_then_differ",),
+    "ouroboros.cfg_halves_swapped": (_A2 + "test_classifier_free_guidance_is_composed_per_frame",),
+    "ouroboros.cfg_uncond_keeps_embedding": (_A2 + "test_classifier_free_guidance_is_composed_per_frame",),
+    "ouroboros.cfg_uncond_keeps_latent": (_A2 + "test_classifier_free_guidance_is_composed_per_frame",),
+    "edm.euler_no_step": (_A2 + "test_point_mass_oracle_follows_the_exact_ode_and_ends_at_x0",),
+    "lgm_loss.lpips_at_weight_zero": (_A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient",),
+    "lgm_loss.alpha_mse_dropped": (_A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips",),
+}
+
 FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (\S+?)(?: - .*)?$", re.M)
 
 
@@ -304,6 +355,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--tests", nargs="*", help="run these test files instead of each mutant's own")
+    parser.add_argument("--targeted", action="store_true",
+                        help="run only the test(s) written to kill each mutant (TARGETS); mutants without one are skipped")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run on the unmutated code")
     parser.add_argument("--in-process", action="store_true",
                         help="one interpreter for all mutants (much less CPU; see run_in_process)")
@@ -311,9 +364,13 @@ def main(argv=None) -> int:
                         help="stop each mutant's tests at the first failure (faster; records one killer)")
     args = parser.parse_args(argv)
     # a run started in the background ignores SIGINT, and SIGTERM would skip the restore
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     mutants = [m for m in MUTANTS if (not args.only or m.name in args.only) and (not args.file or m.file in args.file)]
+    if args.only:  # in the order given
+        mutants.sort(key=lambda m: args.only.index(m.name))
+    if args.targeted:
+        mutants = [Mutant(m.name, m.file, m.find, m.replace, TARGETS[m.name], m.note) for m in mutants if m.name in TARGETS]
     if args.list:
         for m in mutants:
             print(f"{m.name:50s} {m.file}  tests: {' '.join(m.tests)}")
@@ -360,6 +417,9 @@ def main(argv=None) -> int:
         results.append(dict(name=m.name, file=m.file, status=status, failed=failed, seconds=round(seconds, 1),
                             note=m.note, tests=list(tests)))  # fmt: skip
         print(f"{m.name}: {status} in {seconds:.0f} s  {' '.join(f.split('::')[-1] for f in failed)}", flush=True)
+        if _STOP:
+            results[-1]["status"] = "interrupted"
+            break
         if status.startswith("error") or status == "timeout":
             print(tail, flush=True)
     killed = sum(r["status"] == "killed" for r in results)
