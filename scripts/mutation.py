@@ -49,6 +49,10 @@ LOSS = "model/lgm/loss.py"
 CONVF = "data_pipeline/conventions.py"
 
 
+_A1 = A1 + "::"
+_A2 = A2 + "::"
+
+
 @dataclass
 class Mutant:
     name: str
@@ -122,38 +126,38 @@ MUTANTS = [
     M("edm.sigma_std_ignored", EDMF, "torch.exp(p_mean + p_std * normal)", "torch.exp(p_mean + normal)", (EDM,)),
     M("edm.karras_exponent", EDMF, "sigmas = (max_inv + ramp * (min_inv - max_inv)) ** rho",
       "sigmas = (max_inv + ramp * (min_inv - max_inv)) ** (rho - 1)", (EDM,)),
-    M("edm.initial_noise_is_sigma_max", EDMF, "return math.sqrt(sigma_max**2 + 1.0)", "return sigma_max", (EDM, A2),
+    M("edm.initial_noise_is_sigma_max", EDMF, "return math.sqrt(sigma_max**2 + 1.0)", "return sigma_max", (EDM, _A2 + "test_point_mass_oracle_follows_the_exact_ode_and_ends_at_x0"),
       "equivalent in practice: 700 vs 700.0007 (relative 1e-6)"),
     M("edm.add_noise_variance", EDMF, "return x0 + sigma * noise", "return x0 + sigma**2 * noise", (EDM,)),
     M("edm.denoise_sign", EDMF, "return c_skip(sigma) * noisy + c_out(sigma) * network_output",
       "return c_skip(sigma) * noisy - c_out(sigma) * network_output", (EDM,)),
     M("edm.loss_l1", EDMF, "return (loss_weight(sigma) * (pred_x0 - x0) ** 2).mean()",
       "return (loss_weight(sigma) * (pred_x0 - x0).abs()).mean()", (EDM,)),
-    M("edm.euler_derivative", EDMF, "derivative = (x - pred_x0) / sigma", "derivative = (x - pred_x0) / (sigma + 1.0)", (EDM, A2)),
-    M("edm.euler_no_step", EDMF, "return x + (sigma_next - sigma) * derivative", "return x", (EDM, A2)),
+    M("edm.euler_derivative", EDMF, "derivative = (x - pred_x0) / sigma", "derivative = (x - pred_x0) / (sigma + 1.0)", (EDM, _A2 + "test_point_mass_oracle_follows_the_exact_ode_and_ends_at_x0")),
+    M("edm.euler_no_step", EDMF, "return x + (sigma_next - sigma) * derivative", "return x", (EDM, _A2 + "test_point_mass_oracle_follows_the_exact_ode_and_ends_at_x0")),
     # ---------------------------------------------------------------- conditioning
     M("conditioning.dropout_thresholds", COND, "return r < 2 * prob, (r >= prob) & (r < 3 * prob)",
       "return r < prob, (r >= prob) & (r < 2 * prob)", (ALGOS,)),
     M("conditioning.guidance_reversed", COND, "return torch.linspace(min_guidance, max_guidance, num_frames)",
-      "return torch.linspace(max_guidance, min_guidance, num_frames)", (ALGOS, A2)),
-    M("conditioning.cfg_formula", COND, "return uncond + w * (cond - uncond)", "return cond + w * (cond - uncond)", (ALGOS, A2)),
+      "return torch.linspace(max_guidance, min_guidance, num_frames)", (ALGOS, _A2 + "test_classifier_free_guidance_is_composed_per_frame")),
+    M("conditioning.cfg_formula", COND, "return uncond + w * (cond - uncond)", "return cond + w * (cond - uncond)", (ALGOS, _A2 + "test_classifier_free_guidance_is_composed_per_frame")),
     M("conditioning.clip_input_not_mapped_to_01", COND, "x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)", "x = x.clamp(0.0, 1.0)",
-      (ALGOS, A1, "tests/test_svd_loading.py")),
+      (ALGOS, "tests/test_svd_loading.py")),
     M("conditioning.latent_sampled_not_mode", COND, "return vae.encode(augmented).latent_dist.mode()",
-      "return vae.encode(augmented).latent_dist.sample()", (ALGOS, A1, "tests/test_svd_loading.py")),
+      "return vae.encode(augmented).latent_dist.sample()", (ALGOS, "tests/test_svd_loading.py")),
     M("conditioning.no_noise_augmentation", COND, "augmented = (image + noise_aug_strength * noise)",
-      "augmented = (image + 0.0 * noise)", (ALGOS, A1, "tests/test_svd_loading.py")),
+      "augmented = (image + 0.0 * noise)", (ALGOS, "tests/test_svd_loading.py")),
     M("conditioning.time_ids_order", COND, "[cfg.fps, cfg.motion_bucket_id, cfg.noise_aug_strength]",
-      "[cfg.motion_bucket_id, cfg.fps, cfg.noise_aug_strength]", (ALGOS, A1, "tests/test_svd_loading.py")),
+      "[cfg.motion_bucket_id, cfg.fps, cfg.noise_aug_strength]", (ALGOS, "tests/test_svd_loading.py")),
     # ---------------------------------------------------------------- LGM loss (Eq. 2)
     M("lgm_loss.alpha_mse_dropped", LOSS, "mse = F.mse_loss(pred_rgb, gt_rgb) + F.mse_loss(pred_alpha, gt_alpha)",
-      "mse = F.mse_loss(pred_rgb, gt_rgb)", (LGM, A1)),
+      "mse = F.mse_loss(pred_rgb, gt_rgb)", (LGM, _A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips", _A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient")),
     M("lgm_loss.lpips_inputs_not_scaled", LOSS, "return net(pred * 2 - 1, target.to(pred.dtype) * 2 - 1).mean()",
-      "return net(pred, target.to(pred.dtype)).mean()", (LGM, A1)),
+      "return net(pred, target.to(pred.dtype)).mean()", (LGM, _A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips", _A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient")),
     M("lgm_loss.total_unweighted", LOSS, "return dict(loss=mse + lpips_weight * lp, mse=mse, lpips=lp)",
-      "return dict(loss=mse + lp, mse=mse, lpips=lp)", (LGM, A1)),
-    M("lgm_loss.lpips_at_weight_zero", LOSS, "if lpips_weight > 0:", "if lpips_weight >= 0:", (LGM, A1)),
-    M("lgm_loss.no_resize_above_256", LOSS, "if pred.shape[-1] > LPIPS_MAX_SIZE:", "if False:", (LGM, A1, "tests/test_metrics.py")),
+      "return dict(loss=mse + lp, mse=mse, lpips=lp)", (LGM, _A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips", _A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient")),
+    M("lgm_loss.lpips_at_weight_zero", LOSS, "if lpips_weight > 0:", "if lpips_weight >= 0:", (LGM, _A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips", _A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient")),
+    M("lgm_loss.no_resize_above_256", LOSS, "if pred.shape[-1] > LPIPS_MAX_SIZE:", "if False:", (LGM, "tests/test_metrics.py")),
     # ---------------------------------------------------------------- conventions (DESIGN section 2)
     M("conventions.focal_uses_full_fov", CONVF, "f = (resolution / 2.0) / math.tan(math.radians(fov_deg) / 2.0)",
       "f = (resolution / 2.0) / math.tan(math.radians(fov_deg))", (CONV,)),
@@ -349,7 +353,7 @@ def restore(mutant: Mutant, original: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="mutant names (default: all)")
-    parser.add_argument("--file", action="append", help="only mutants of these source files")
+    parser.add_argument("--file", nargs="*", help="only mutants of these source files")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--report", type=Path, help="write the markdown table here")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
