@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # ranks, Ray workers) side by side, and oversubscribed OpenMP threads spin against each other.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Break the model's composition code on purpose, one behaviour at a time, and check that the
+# tests notice (scripts/mutation.py; not in CI: about 40 min on 2 cores). Results: docs/testing.md.
+mutation: $(STAMP)
+	$(PY) scripts/mutation.py $(MUTATION_ARGS)
