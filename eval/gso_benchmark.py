@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--obj-up-axis", default="z", choices=("z", "y"),
                    help="up axis of the OBJ meshes (GSO's are +Z up, as Gazebo loads them)")
     p.add_argument("--device", default="auto", help="model device: auto | cpu | cuda")
-    p.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex", "squeeze"))
+    p.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="recompute finished objects")
     return p.parse_args(argv)
@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     meta = dict(checkpoint=str(args.checkpoint), objects=len({r["object"] for r in rows}),
                 steps=args.steps, views=rows[0]["views"], resolution=model.config.resolution,
                 lpips_net=lpips_metric.net, lpips_comparable=lpips_metric.comparable,
+                lpips_trunk=lpips_metric.trunk.describe(),
                 seed=args.seed, missing=found.missing, failed=failed)  # fmt: skip
     report.write_rows(out_dir, rows)
     tables = report.write_tables(out_dir, rows, meta)

