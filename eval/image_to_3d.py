@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     except (InputImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from model.gaussians import save_ply
+    from model.gaussians_ply import save_ply
     from model.ouroboros import Ouroboros3D
 
     device = resolve_device(args.device)

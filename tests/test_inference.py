@@ -112,7 +112,7 @@ def _run_cli(image, checkpoint, out):
 
 @pytest.mark.slow
 def test_cli_end_to_end_rgba_and_rgb_on_white(tiny_checkpoint, tmp_path):
-    from model.gaussians import load_ply
+    from model.gaussians_ply import load_ply
 
     src = _disc_rgba(128, (50, 70), 30)
     inputs = {
