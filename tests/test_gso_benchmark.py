@@ -104,18 +104,19 @@ def test_selection_and_root_errors_name_the_file(tmp_path):
         gso.discover(tmp_path / "no_root")
 
 
-def _row(obj, variant, feedback, mv, gs):
+def _row(obj, variant, feedback, mv, gs, geo=(0.01, 0.9, 1.0)):
     return dict(object=obj, variant=variant, feedback=feedback, joint_training=True, views=8,
                 mv_psnr=mv[0], mv_ssim=mv[1], mv_lpips=mv[2], gs_psnr=gs[0], gs_ssim=gs[1],
-                gs_lpips=gs[2], seconds=1.0)  # fmt: skip
+                gs_lpips=gs[2], chamfer=geo[0], fscore_2pct=geo[1], fscore_5pct=geo[2],
+                seconds=1.0)  # fmt: skip
 
 
 def test_tables_have_paper_layout_and_correct_means(tmp_path):
     rows = [
         _row("a", "ouroboros", "ccm_rgb", (20.0, 0.8, 0.2), (19.0, 0.7, 0.3)),
         _row("b", "ouroboros", "ccm_rgb", (22.0, 0.9, 0.1), (math.inf, 0.9, 0.1)),
-        _row("a", "two_stage", "none", (18.0, 0.7, 0.3), (17.0, 0.6, 0.4)),
-        _row("b", "two_stage", "none", (16.0, 0.5, 0.5), (15.0, 0.4, 0.6)),
+        _row("a", "two_stage", "none", (18.0, 0.7, 0.3), (17.0, 0.6, 0.4), (0.03, 0.5, 0.8)),
+        _row("b", "two_stage", "none", (16.0, 0.5, 0.5), (15.0, 0.4, 0.6), (math.nan,) * 3),
     ]
     meta = dict(checkpoint="ckpt", objects=2, steps=2, views=8, resolution=64,
                 lpips_net="vgg", lpips_comparable=False,
@@ -134,8 +135,14 @@ def test_tables_have_paper_layout_and_correct_means(tmp_path):
                                                                      ("yes", "none")]
     assert t2[1]["delta_psnr"] == pytest.approx(1.0)
     assert t2[1]["delta_lpips"] == pytest.approx(0.1)
+    geo = result["geometry"]  # means over the objects that have a surface
+    assert geo["ouroboros"] == pytest.approx(dict(with_surface=2, objects=2, chamfer=0.01, fscore_2pct=0.9,
+                                                  fscore_5pct=1.0))  # fmt: skip
+    assert geo["two_stage"] == pytest.approx(dict(with_surface=1, objects=2, chamfer=0.03, fscore_2pct=0.5,
+                                                  fscore_5pct=0.8))  # fmt: skip
     md = (tmp_path / "tables.md").read_text()
     assert "NOT comparable" in md and "| Image-to-3D | Ouroboros3D (LGM) | 64x64 | 2 |" in md
+    assert "| Two-stage, no feedback (SVD + LGM) | 1/2 | 0.03" in md
     assert json.loads((tmp_path / "tables.json").read_text())["table2"][0]["feedbacks"] == "CCM + RGB"
     pq_path, csv_path = report.write_rows(tmp_path, rows)
     import pyarrow.parquet as pq
@@ -186,6 +193,7 @@ def test_benchmark_end_to_end_on_two_objects(gso_root, tiny_checkpoint, tmp_path
     for r in rows:
         for k in ("mv_psnr", "mv_ssim", "mv_lpips", "gs_psnr", "gs_ssim", "gs_lpips"):
             assert math.isfinite(r[k]), (r["object"], r["variant"], k)
+        assert all(k in r for k in ("chamfer", "fscore_2pct", "fscore_5pct"))  # NaN without a surface
         assert -1 <= r["mv_ssim"] <= 1 and r["gs_lpips"] >= 0
     assert {r["feedback"] for r in rows if r["variant"] == "two_stage"} == {"none"}
     tables = json.loads((out / "tables.json").read_text())
