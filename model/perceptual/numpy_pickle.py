@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+# numpy's own array rebuilder, whichever module numpy keeps it in (numpy.core before 2.0,
+# numpy._core since): the function ``ndarray.__reduce__`` names.
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
     ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
