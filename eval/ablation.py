@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             report.save_png(args.output / "strips" / f"{rel}.png", comparison_strip(paths))
             pictures.append((rel, f"strips/{rel}.png"))
     order = ", ".join(f"`{path.name}` (generated views, 3DGS renders)" for path in args.row)
-    lpips = f"LPIPS: {meta['lpips_net']}" + ("" if meta["lpips_comparable"] else " with a RANDOM trunk (not comparable)")
+    lpips = f"LPIPS trunk: {meta['lpips_trunk']}"
     text = "\n\n".join([
         f"# {args.title}",
         f"{meta['steps']} sampling steps, {meta['views']} views per object, {meta['resolution']} px; "

@@ -14,7 +14,9 @@ For each object of the selection:
    (multi-view generation, then one reconstruction of the final views: the two-stage baseline
    and the no-feedback row of Table 2).
 3. Metrics (PSNR, SSIM, LPIPS, ``eval/metrics.py``) on all 8 views: (a) generated views vs
-   ground truth, (b) renders of the reconstructed Gaussians at the same cameras vs ground truth.
+   ground truth, (b) renders of the reconstructed Gaussians at the same cameras vs ground truth;
+   and geometry (Chamfer, F-score, ``eval/geometry.py``): the mesh of the final Gaussians vs
+   the ground-truth mesh in the normalised object frame.
 
 Outputs in ``--output``: ``per_object.parquet`` / ``.csv``, ``tables.md`` / ``tables.json``
 (Table 1 and Table 2 layouts), ``report.md`` with ``strips/<object>.png``, and
@@ -42,8 +44,8 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.atomic import atomic_write_text
-from data_pipeline.conventions import training_frame_indices
-from eval import gso, report
+from data_pipeline.conventions import condition_frame_transform, training_frame_indices
+from eval import geometry, gso, report
 from eval.image_to_3d import resolve_device
 from eval.metrics import LPIPSMetric, image_metrics
 
@@ -75,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--obj-up-axis", default="z", choices=("z", "y"),
                    help="up axis of the OBJ meshes (GSO's are +Z up, as Gazebo loads them)")
     p.add_argument("--device", default="auto", help="model device: auto | cpu | cuda")
-    p.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex", "squeeze"))
+    p.add_argument("--lpips-net", default="vgg", choices=("vgg", "alex"))
     p.add_argument("--variants", nargs="+", default=[VARIANT_FEEDBACK_ON, VARIANT_FEEDBACK_OFF],
                    choices=(VARIANT_FEEDBACK_ON, VARIANT_FEEDBACK_OFF),
                    help="what to sample: the checkpoint as trained (ouroboros) and/or with its "
@@ -171,7 +173,8 @@ def generate(model, gt: dict, steps: int, feedback_every: int, seed: int, device
                            generator=generator, progress=False)  # fmt: skip
     seconds = time.perf_counter() - start
     return dict(views=((out.views[0] + 1) / 2).clamp(0, 1).float().cpu(),
-                renders=out.renders["rgb"][0].clamp(0, 1).float().cpu(), seconds=seconds)  # fmt: skip
+                renders=out.renders["rgb"][0].clamp(0, 1).float().cpu(), seconds=seconds,
+                gaussians=out.gaussians[0].float().cpu())  # fmt: skip
 
 
 def object_seed(seed: int, name: str) -> int:
@@ -191,6 +194,8 @@ def evaluate_object(model, obj: gso.GSOObject, split: str, args, lpips_metric, d
                                 args.render_device, args.obj_up_axis)  # fmt: skip
     gt = ground_truth_views(orbit, cfg.resolution, float(cfg.background))
     target = (gt["images"] + 1) / 2
+    gt_mesh = geometry.ground_truth_mesh(obj.mesh_path, orbit.meta["normalization"]["source_to_world"],
+                                         condition_frame_transform(orbit.c2w[0]))  # fmt: skip
     seed = object_seed(args.seed, obj.name)
     # Without feedback, intermediate reconstructions are useless: feedback_every = steps keeps
     # only step 0's and the last one (sample() always reconstructs at both).
@@ -208,6 +213,7 @@ def evaluate_object(model, obj: gso.GSOObject, split: str, args, lpips_metric, d
                    seconds=round(out["seconds"], 3))  # fmt: skip
         row.update({f"mv_{k}": float(v.mean()) for k, v in mv.items()})
         row.update({f"gs_{k}": float(v.mean()) for k, v in gs.items()})
+        row.update(geometry.gaussians_vs_mesh(out["gaussians"], gt_mesh))
         rows.append(row)
         strip_rows += [out["views"], out["renders"]]
     return rows, report.image_strip(strip_rows)
@@ -263,6 +269,7 @@ def main(argv=None) -> int:
     meta = dict(checkpoint=str(args.checkpoint), objects=len({(r["split"], r["object"]) for r in rows}),
                 steps=args.steps, views=rows[0]["views"], resolution=model.config.resolution,
                 lpips_net=lpips_metric.net, lpips_comparable=lpips_metric.comparable,
+                lpips_trunk=lpips_metric.trunk.describe(),
                 seed=args.seed, missing=missing, failed=failed)  # fmt: skip
     report.write_rows(out_dir, rows)
     tables = report.write_tables(out_dir, rows, meta)

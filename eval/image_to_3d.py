@@ -15,8 +15,10 @@ Cameras (``data_pipeline.conventions``): the model frame of the input view, azim
 radius 2.0, field of view 39.6 degrees.
 
 Outputs in ``--output``: ``input.png`` (the prepared condition image), ``views.png`` (the 8
-generated views, 2 x 4), ``gaussians.ply`` (standard 3DGS layout, ``model.gaussians.save_ply``)
-and ``orbit.mp4`` (the Gaussians rendered on a 360-degree orbit).
+generated views, 2 x 4), ``gaussians.ply`` (standard 3DGS layout, ``model.gaussians_ply.save_ply``),
+``mesh.glb`` (a vertex-coloured mesh of the Gaussians, ``eval.mesh_from_gaussians``, +Y up as
+glTF specifies; ``--no-mesh`` skips it) and ``orbit.mp4`` (the Gaussians rendered on a
+360-degree orbit).
 """
 
 from __future__ import annotations
@@ -190,6 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fill", type=float, default=0.7,
                    help="longest side of the object's box as a fraction of the image")
     p.add_argument("--orbit-frames", type=int, default=60)
+    p.add_argument("--no-mesh", action="store_true", help="do not write mesh.glb")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     return p.parse_args(argv)
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
     except (InputImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from model.gaussians import save_ply
+    from model.gaussians_ply import save_ply
     from model.ouroboros import Ouroboros3D
 
     device = resolve_device(args.device)
@@ -237,7 +240,17 @@ def main(argv=None) -> int:
     save_png(args.output / "views.png", views_grid(((out.views[0] + 1) / 2).clamp(0, 1)))
     save_ply(out.gaussians[0].detach().cpu(), args.output / "gaussians.ply")
     write_mp4(args.output / "orbit.mp4", video)
-    print(f"wrote {args.output}/{{input.png, views.png, gaussians.ply, orbit.mp4}}")
+    written = ["input.png", "views.png", "gaussians.ply", "orbit.mp4"]
+    if not args.no_mesh:
+        from eval.export_mesh import write_mesh
+        from eval.mesh_from_gaussians import mesh_from_gaussians
+
+        try:
+            write_mesh(mesh_from_gaussians(out.gaussians[0].detach().cpu()), args.output / "mesh.glb")
+            written.append("mesh.glb")
+        except ValueError as err:  # e.g. Gaussians too faint to have a surface
+            print(f"warning: no mesh.glb: {err}", file=sys.stderr)
+    print(f"wrote {args.output}/{{{', '.join(written)}}}")
     return 0
 
 

@@ -12,16 +12,14 @@ or both as they need.
   use_sample_covariance=False, data_range=1, channel_axis=...)`` computes.
 * LPIPS (Zhang et al. 2018) with the ``lpips`` package, VGG trunk by default (the backbone the
   paper names for its perceptual loss, Eq. 2, and the one the GSO benchmarks it compares with
-  report). The trunk's ImageNet weights come from the torchvision hub cache
-  (``$TORCH_HOME/hub/checkpoints``); when they are not cached they cannot be fetched here, the
-  trunk is then random (``pnet_rand=True``) and :attr:`LPIPSMetric.comparable` is False: such
-  numbers exercise the code path only and must not be compared with published ones.
+  report), built by the project's one builder (:func:`model.perceptual.builder.build_lpips`):
+  ImageNet trunk from the install step's cache. When the cache is missing the trunk is random
+  (with a warning) and :attr:`LPIPSMetric.comparable` is False: such numbers exercise the code
+  path only and must not be compared with published ones; :attr:`LPIPSMetric.trunk` says which
+  trunk produced the numbers.
 """
 
 from __future__ import annotations
-
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -110,45 +108,23 @@ def ssim(
     return s.flatten(1).mean(-1).reshape(lead)
 
 
-def _trunk_weights_file(net: str) -> str:
-    """Path where torchvision caches the ImageNet weights of an LPIPS trunk."""
-    import torchvision.models as tvm
-
-    weights = {
-        "vgg": tvm.VGG16_Weights.IMAGENET1K_V1,
-        "alex": tvm.AlexNet_Weights.IMAGENET1K_V1,
-        "squeeze": tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1,
-    }[net]
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-
-
 class LPIPSMetric:
     """LPIPS distance per image with the ``lpips`` package (linear heads v0.1, shipped with it).
 
     Attributes:
-        net: trunk name ("vgg" by default, "alex" or "squeeze").
-        comparable: True when the trunk has its ImageNet weights (cached in TORCH_HOME); False
-            when it had to be random (``pnet_rand=True``): the numbers are then NOT comparable
-            with published LPIPS values.
+        net: trunk name ("vgg" by default, or "alex").
+        trunk: :class:`model.perceptual.builder.LPIPSTrunk` (which trunk, real or random).
+        comparable: True when the trunk has its ImageNet weights; False when it had to be random:
+            the numbers are then NOT comparable with published LPIPS values.
     """
 
     def __init__(self, net: str = "vgg", device: str | torch.device = "cpu"):
-        import lpips
+        from model.perceptual.builder import build_lpips
 
-        if net not in ("vgg", "alex", "squeeze"):
-            raise ValueError(f"unknown LPIPS trunk {net!r}: use vgg, alex or squeeze")
+        self.model = build_lpips(net, allow_random=True).to(device)
         self.net = net
-        weights_file = _trunk_weights_file(net)
-        self.comparable = os.path.isfile(weights_file)
-        if not self.comparable:
-            warnings.warn(
-                f"LPIPS: ImageNet weights of the {net} trunk are not cached ({weights_file}) and "
-                "cannot be downloaded here; using a RANDOM trunk (pnet_rand=True). LPIPS numbers "
-                "are NOT comparable with published ones.",
-                stacklevel=2,
-            )
-        self.model = lpips.LPIPS(net=net, pnet_rand=not self.comparable, verbose=False)
-        self.model.eval().requires_grad_(False).to(device)
+        self.trunk = self.model.trunk
+        self.comparable = self.trunk.real
         self.device = torch.device(device)
 
     @torch.no_grad()

@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.atomic import atomic_write_bytes, atomic_write_text
+from eval import geometry
 
 METRICS = ("psnr", "ssim", "lpips")
 VARIANTS = ("ouroboros", "two_stage")
 ROW_COLUMNS = (
     "object", "split", "variant", "feedback", "joint_training", "views",
-    "mv_psnr", "mv_ssim", "mv_lpips", "gs_psnr", "gs_ssim", "gs_lpips", "seconds",
+    "mv_psnr", "mv_ssim", "mv_lpips", "gs_psnr", "gs_ssim", "gs_lpips", *geometry.COLUMNS, "seconds",
 )  # fmt: skip
 
 # The paper's Table 1 and Table 2 (GSO, its own 100 objects), for reference next to ours.
@@ -44,6 +45,10 @@ PAPER_TABLE2 = [
     ("yes", "CCM", 21.325, 0.8738, 0.1192, 0.304, 0.0036, 0.0018),
     ("yes", "CCM + RGB", 21.761, 0.8894, 0.1091, 0.009, 0.0028, 0.0002),
 ]
+METHOD_NAMES = {  # variant -> (multi-view method, 3D method)
+    "ouroboros": ("Ouroboros3D (SVD)", "Ouroboros3D (LGM)"),
+    "two_stage": ("Two-stage, no feedback (SVD)", "Two-stage, no feedback (SVD + LGM)"),
+}
 FEEDBACK_LABEL = {"none": "none", "ccm": "CCM", "ccm_rgb": "CCM + RGB"}
 
 
@@ -84,15 +89,12 @@ def table1(agg: list[dict], resolution: int) -> list[dict]:
     Multi-view rows compare the generated images with the ground truth; 3D rows compare
     renders of the reconstructed Gaussians at the same cameras.
     """
-    names = {
-        "ouroboros": ("Ouroboros3D (SVD)", "Ouroboros3D (LGM)"),
-        "two_stage": ("Two-stage, no feedback (SVD)", "Two-stage, no feedback (SVD + LGM)"),
-    }
     rows = []
     for task, kind, idx in (("Image-to-Multiview", "mv", 0), ("Image-to-3D", "gs", 1)):
         for a in agg:
             rows.append({
-                "split": a["split"], "task": task, "method": names.get(a["variant"], (a["variant"],) * 2)[idx],
+                "split": a["split"], "task": task,
+                "method": METHOD_NAMES.get(a["variant"], (a["variant"],) * 2)[idx],
                 "resolution": f"{resolution}x{resolution}", "objects": a["objects"],
                 "psnr": a[f"{kind}_psnr"], "ssim": a[f"{kind}_ssim"], "lpips": a[f"{kind}_lpips"],
             })  # fmt: skip
@@ -142,15 +144,27 @@ T2_COLUMNS = [("split", "Objects set"), ("jointly_training", "Jointly training")
               ("delta_lpips", "ΔLPIPS ↓")]  # fmt: skip
 
 
-def tables_markdown(t1: list[dict], t2: list[dict], meta: dict) -> str:
-    """Table 1 and Table 2 as Markdown, with the run's settings and the paper's numbers."""
+def geometry_markdown(geo: list[dict]) -> str:
+    """The geometry table (eval/geometry.py): per objects set and variant, objects with a surface, CD, F-scores."""
+    rows = [{"split": a["split"], "method": METHOD_NAMES.get(a["variant"], (a["variant"],) * 2)[1],
+             "objects": f"{a['with_surface']}/{a['objects']}", **{k: a[k] for k in geometry.COLUMNS}}
+            for a in geo]  # fmt: skip
+    cols = [("split", "Objects set"), ("method", "Method"), ("objects", "Objects with a surface"),
+            *((k, geometry.HEADERS[k]) for k in geometry.COLUMNS)]  # fmt: skip
+    return "\n\n".join([
+        "## Geometry: mesh of the final Gaussians vs the ground-truth mesh",
+        "Normalised object frame (longest side 1); Chamfer = mean of both directions' mean "
+        f"nearest distance over {geometry.SAMPLES} surface samples each; F-score at 2% and 5% "
+        "of the object's size (docs/evaluation.md, \"Geometry metrics\").",
+        markdown_table(rows, cols)])  # fmt: skip
+
+
+def tables_markdown(t1: list[dict], t2: list[dict], meta: dict, geo: list[dict]) -> str:
+    """Table 1, Table 2 and the geometry table as Markdown, with the run's settings and the
+    paper's numbers."""
     paper1 = [dict(zip([k for k, _ in T1_COLUMNS], ("GSO (paper)", *r[:3], 100, *r[3:]))) for r in PAPER_TABLE1]
     paper2 = [dict(zip([k for k, _ in T2_COLUMNS], ("GSO (paper)", *r[:2], 100, *r[2:]))) for r in PAPER_TABLE2]
-    lpips_note = (
-        f"LPIPS trunk: {meta['lpips_net']}"
-        + ("" if meta["lpips_comparable"] else
-           " with RANDOM weights (ImageNet weights not cached): LPIPS NOT comparable")
-    )  # fmt: skip
+    lpips_note = f"LPIPS trunk: {meta['lpips_trunk']}"
     skipped = "".join(
         f" {len(meta[k])} selected objects {what}: {', '.join(meta[k])}."
         for k, what in (("missing", "missing from the GSO root"), ("failed", "failed to render"))
@@ -165,6 +179,7 @@ def tables_markdown(t1: list[dict], t2: list[dict], meta: dict) -> str:
         markdown_table(t1, T1_COLUMNS),
         "## Table 2: feedback ablation (3DGS metrics; Δ = |multi-view − 3DGS|)",
         markdown_table(t2, T2_COLUMNS),
+        geometry_markdown(geo),
         "## For reference: the paper's numbers (its own, unpublished, 100-object GSO selection)",
         markdown_table(paper1, T1_COLUMNS),
         markdown_table(paper2, T2_COLUMNS),
@@ -195,9 +210,10 @@ def write_tables(out_dir: str | Path, rows: list[dict], meta: dict) -> dict:
     out_dir = Path(out_dir)
     agg = aggregate(rows)
     t1, t2 = table1(agg, meta["resolution"]), table2(agg)
-    result = {"meta": meta, "aggregates": agg, "table1": t1, "table2": t2}
+    geo = geometry.aggregate(rows)
+    result = {"meta": meta, "aggregates": agg, "table1": t1, "table2": t2, "geometry": geo}
     atomic_write_text(out_dir / "tables.json", json.dumps(result, indent=2, allow_nan=True))
-    atomic_write_text(out_dir / "tables.md", tables_markdown(t1, t2, meta))
+    atomic_write_text(out_dir / "tables.md", tables_markdown(t1, t2, meta, geo))
     return result
 
 
@@ -243,12 +259,13 @@ def write_report(out_dir: str | Path, rows: list[dict], tables: dict, strips: di
     """
     out_dir = Path(out_dir)
     meta = tables["meta"]
-    parts = [tables_markdown(tables["table1"], tables["table2"], meta).rstrip(),
+    parts = [tables_markdown(tables["table1"], tables["table2"], meta, tables["geometry"]).rstrip(),
              "## Per object",
              "Strip rows, top to bottom: " + ", ".join(STRIP_ROWS) + "."]  # fmt: skip
     cols = [("split", "Objects set"), ("variant", "Variant"), ("mv_psnr", "MV PSNR"), ("mv_ssim", "MV SSIM"),
             ("mv_lpips", "MV LPIPS"), ("gs_psnr", "3DGS PSNR"), ("gs_ssim", "3DGS SSIM"),
-            ("gs_lpips", "3DGS LPIPS"), ("seconds", "Seconds")]  # fmt: skip
+            ("gs_lpips", "3DGS LPIPS"), *((k, geometry.HEADERS[k]) for k in geometry.COLUMNS),
+            ("seconds", "Seconds")]  # fmt: skip
     for split, obj in dict.fromkeys((r.get("split", "test"), r["object"]) for r in rows):
         name = obj if split == "test" else f"{split}/{obj}"
         parts.append(f"### {name}")

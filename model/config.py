@@ -81,6 +81,7 @@ class OuroborosConfig:
     joint_training: bool = True
     self_cond_prob: float = 0.5
     lpips_weight: float = 1.0
+    allow_random_lpips: bool = False  # train Eq. 2 against a RANDOM VGG trunk when the real one is missing
     clean_recon_pass: bool = True
     background: float = 1.0
     edm: EDMConfig = field(default_factory=EDMConfig)

@@ -365,7 +365,8 @@ class Ouroboros3D(nn.Module):
     def _recon_loss(self, renders: dict, images: torch.Tensor, alphas: torch.Tensor):
         """Eq. 2 terms (MSE, LPIPS), unweighted, of renders vs the ground-truth views."""
         gt_rgb = ((images + 1.0) / 2.0).clamp(0.0, 1.0)
-        out = reconstruction_loss(renders["rgb"], renders["alpha"], gt_rgb, alphas, self.config.lpips_weight)
+        out = reconstruction_loss(renders["rgb"], renders["alpha"], gt_rgb, alphas, self.config.lpips_weight,
+                                  self.config.allow_random_lpips)
         return out["mse"], out["lpips"]
 
     # ------------------------------------------------------------------ Algorithm 2

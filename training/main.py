@@ -7,7 +7,9 @@
 
 Writes ``<output>/checkpoints/step_XXXXXXX`` (+ ``latest``), ``<output>/export`` (inference
 weights, ``Ouroboros3D.from_pretrained``), ``<output>/tb`` (TensorBoard) and
-``<output>/losses.jsonl`` (one line per step, losses averaged over ranks).
+``<output>/losses.jsonl`` (one line per step, losses averaged over ranks) and
+``<output>/lpips_trunk.json`` (the LPIPS trunk Eq. 2 trains against: ImageNet VGG16 from the
+install step's cache; a random one only with the model config's ``allow_random_lpips: true``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if __package__ in (None, ""):  # `python training/main.py` / the deepspeed launc
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from data_pipeline.atomic import atomic_write_text  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.config import TrainConfig, load_config  # noqa: E402
 from training.engine import build_engine, deepspeed_config, init_distributed, train_step  # noqa: E402
@@ -65,10 +68,25 @@ def _mean_over_ranks(values: dict) -> dict:
     return dict(zip(names, t.tolist()))
 
 
-def _write_run_files(output: Path, cfg: TrainConfig, ds_config: dict) -> None:
+def lpips_trunk(model_config) -> dict | None:
+    """The LPIPS trunk of Eq. 2 (None when the run has no LPIPS term); refuses a random trunk
+    unless ``model_config.allow_random_lpips``."""
+    from model.lgm.loss import lpips_network
+    from model.perceptual.builder import RandomLPIPSRefused
+
+    if not (model_config.joint_training and model_config.lpips_weight > 0):
+        return None
+    try:
+        return lpips_network("cpu", model_config.allow_random_lpips).trunk.to_dict()
+    except RandomLPIPSRefused as err:
+        raise SystemExit(f"training refuses to start: {err}") from err
+
+
+def _write_run_files(output: Path, cfg: TrainConfig, ds_config: dict, trunk: dict | None) -> None:
     output.mkdir(parents=True, exist_ok=True)
     (output / "train_config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict()))))
     (output / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    atomic_write_text(output / "lpips_trunk.json", json.dumps({"lpips_trunk": trunk}, indent=2))
 
 
 def main(argv=None) -> int:
@@ -93,6 +111,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{ckpt_dir} already holds checkpoints: pass --resume auto or another --output")
 
     model = build_model(cfg)
+    trunk = lpips_trunk(model.config)
+    log.info("LPIPS trunk of Eq. 2: %s", trunk or "none (no LPIPS term)")
     engine = build_engine(model, cfg, deepspeed)
     loader = StreamingLoader(
         args.data,
@@ -114,7 +134,7 @@ def main(argv=None) -> int:
         start = int(state["step"])
         log.info("resumed from %s at step %d", ckpt_dir / tag, start)
     if rank == 0:
-        _write_run_files(output, cfg, deepspeed_config(cfg, world))
+        _write_run_files(output, cfg, deepspeed_config(cfg, world), trunk)
     logger = TrainLogger(output, rank, start, cfg.max_steps)
     log.info("%d rank(s), %d shard(s), total batch %d = %d x %d ranks x %d accumulation",
              world, len(loader.urls), cfg.optim.total_batch, cfg.optim.micro_batch, world,
