@@ -32,17 +32,28 @@ def _rotation(like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(MODEL_TO_LGM_ROTATION, dtype=like.dtype, device=like.device)
 
 
+def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype camera and Gaussian geometry is computed in: float32 for half-precision inputs
+    (fp16 / bf16 networks), the input's own dtype when it is float32 or float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def pixel_rays(
     c2w: torch.Tensor, K: torch.Tensor, height: int, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """World rays through the pixel centres ``(u + 0.5, v + 0.5)``, x = column.
 
+    Geometry is computed in at least float32 (float64 stays float64): ``K`` is inverted, which
+    half precision cannot do, and pixel coordinates up to 512 are not exact in bfloat16.
+
     Args:
         c2w: [..., 4, 4] OpenCV camera-to-world.  K: [..., 3, 3] in pixels of (height, width).
     Returns:
-        origins [..., height, width, 3], unit directions [..., height, width, 3]
+        origins [..., height, width, 3], unit directions [..., height, width, 3], float32 or
+        float64
     """
-    dtype, device = c2w.dtype, c2w.device
+    dtype, device = geometry_dtype(c2w.dtype), c2w.device
+    c2w = c2w.to(dtype)
     u = torch.arange(width, dtype=dtype, device=device) + 0.5
     v = torch.arange(height, dtype=dtype, device=device) + 0.5
     uu, vv = torch.meshgrid(u, v, indexing="xy")  # [H, W]: uu[v, u] = u + 0.5

@@ -20,7 +20,6 @@ from training.config import TrainConfig
 from training.loader import rng_seed
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "infra" / "deepspeed"
-CAMERA_KEYS = ("c2w", "K")
 
 
 def _free_port() -> int:
@@ -104,8 +103,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
 class TrainingObjective(torch.nn.Module):
     """``forward(batch, generator)`` = ``model.training_losses`` (Algorithm 1, section 3.3).
 
-    Image-like batch tensors are cast to the parameters' dtype (fp16 / bf16 engines); the
-    cameras stay float32.
+    The batch stays float32 under fp16 / bf16 engines: the model casts what enters each
+    network to that network's dtype and keeps cameras, preprocessing and losses in float32.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -113,11 +112,6 @@ class TrainingObjective(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        dtype = next(self.model.parameters()).dtype
-        batch = {
-            k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k not in CAMERA_KEYS else v
-            for k, v in batch.items()
-        }
         return self.model.training_losses(batch, generator=generator)
 
 
