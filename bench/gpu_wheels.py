@@ -8,7 +8,8 @@ lacks) in this environment, keeps this environment's versions, evaluates markers
 GPU machine's Python (:data:`TARGET`), and leaves out :data:`PROVIDED` (large packages that a
 machine with PyTorch and torchvision has). ``select`` reads the wheels' own metadata: it picks
 every top-level wheel, then, until nothing changes, each bundled dependency of a picked wheel
-that is not installed there or whose installed version does not satisfy the requirement.
+that is not installed there or whose installed version does not satisfy the requirement;
+it warns about installed packages whose requirements the picked versions break.
 """
 
 from __future__ import annotations
@@ -110,6 +111,24 @@ def select(wheels: list[Path], top_level=TOP_LEVEL, installed=installed_version)
     return sorted(bundle[n][0] for n in picked), sorted(missing)
 
 
+def conflicts(chosen: list[Path], distributions=md.distributions) -> list[str]:
+    """Installed packages whose own requirements the chosen wheels' versions break (the chosen
+    wheels shadow the installed versions on PYTHONPATH), e.g. an older transformers pinning
+    ``huggingface-hub<1.0``."""
+    versions = {name: version for name, version, _ in map(wheel_metadata, chosen)}
+    found = []
+    for dist in distributions():
+        owner = canonical(dist.metadata["Name"] or "")
+        if owner in versions:
+            continue
+        for line in dist.requires or []:
+            req = Requirement(line)
+            dep = canonical(req.name)
+            if dep in versions and applies(req, None) and not req.specifier.contains(versions[dep], prereleases=True):
+                found.append(f"{owner} {dist.version} requires {req}; the bundle brings {dep} {versions[dep]}")
+    return sorted(set(found))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +142,8 @@ def main(argv=None) -> int:
     chosen, missing = select(sorted(args.bundle.glob("*.whl")))
     for line in missing:
         print(f"gpu_wheels: not satisfied by this machine or the bundle: {line}", file=sys.stderr)
+    for line in conflicts(chosen):
+        print(f"gpu_wheels: conflict: {line}", file=sys.stderr)
     print("\n".join(map(str, chosen)))
     return 0
 

@@ -82,3 +82,15 @@ def test_pins_are_this_environments_versions_without_the_machines_own_packages()
     assert {"hjson", "py-cpuinfo", "msgpack", "ninja", "pydantic", "jaxtyping", "braceexpand"} <= set(pins)
     assert not {"torch", "torchvision", "numpy", "scipy", "pillow"} & set(pins)
     assert not any(name.startswith("nvidia-") for name in pins)
+
+
+def test_conflicts_name_installed_packages_that_the_bundle_would_break(tmp_path):
+    class Dist:
+        def __init__(self, name, version, requires):
+            self.metadata, self.version, self.requires = {"Name": name}, version, requires
+
+    hub = _wheel(tmp_path, "huggingface-hub", "2.4.0")
+    installed = [Dist("transformers", "4.40.0", ["huggingface-hub<1.0,>=0.19", "numpy"]),
+                 Dist("accelerate", "1.0.0", ["huggingface-hub>=0.21"])]
+    found = gpu_wheels.conflicts([hub], distributions=lambda: installed)
+    assert found == ["transformers 4.40.0 requires huggingface-hub<1.0,>=0.19; the bundle brings huggingface-hub 2.4.0"]
