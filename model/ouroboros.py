@@ -241,7 +241,7 @@ class Ouroboros3D(nn.Module):
         lgm_in = prepare_inputs(views, c2w[:, idx], K[:, idx], self.config.lgm_resolution)
         dtype = next(self.lgm.parameters()).dtype
         gaussians = self.lgm(lgm_in.to(dtype), c_noise.float())
-        return lgm_to_model_gaussians(gaussians.float())
+        return lgm_to_model_gaussians(gaussians.float(), c2w[:, idx[0]].float())
 
     def render(self, gaussians: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> dict:
         """Render at every camera at the model's resolution (RGB over the configured background)."""

@@ -1,6 +1,6 @@
 """LGM's input tensor from posed views (3DTopia/LGM ``core/provider_objaverse.py``): images
 resized (bilinear) to the input size and ImageNet-normalised, concatenated with the Plücker
-rays of each view expressed in LGM's frame: 3 + 6 = 9 channels.
+rays of each view expressed in LGM's frame of the first view: 3 + 6 = 9 channels.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ def prepare_inputs(images: torch.Tensor, c2w_model: torch.Tensor, K: torch.Tenso
 
     Args:
         images: [B, V, 3, H, W] RGB in [0, 1] over LGM's white background, square.
-        c2w_model: [B, V, 4, 4] OpenCV camera-to-world in the MODEL frame.
+        c2w_model: [B, V, 4, 4] OpenCV camera-to-world in the MODEL frame; view 0 defines LGM's
+            frame (``cameras.model_to_lgm_c2w``), as LGM's first input view does.
         K: [B, V, 3, 3] in pixels of the H x W images.
         size: LGM's input resolution (256 for the official models).
     Returns:
@@ -40,6 +41,6 @@ def prepare_inputs(images: torch.Tensor, c2w_model: torch.Tensor, K: torch.Tenso
     mean = rgb.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = rgb.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     rgb = ((rgb - mean) / std).reshape(B, V, 3, size, size)
-    c2w = model_to_lgm_c2w(c2w_model.to(dtype))
+    c2w = model_to_lgm_c2w(c2w_model.to(dtype), c2w_model[:, 0].to(dtype))
     rays = plucker_rays(c2w, scale_intrinsics(K.to(dtype), H, size), size, size)
     return torch.cat([rgb, rays], 2)
