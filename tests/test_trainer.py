@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -53,6 +54,16 @@ def run_main(config: Path, data: str, output: Path, *extra: str, launcher: list[
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def deepspeed_launcher(ranks: int = 2) -> list[str]:
+    """The ``deepspeed`` launcher on a free rendezvous port: its default (29500) is shared by every
+    launcher on the machine, and two concurrent runs there join each other's process groups."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(ranks),
+            "--master_port", str(port)]
 
 
 def losses(output: Path) -> dict[int, dict]:
@@ -176,7 +187,7 @@ def test_two_ranks_through_the_deepspeed_launcher_with_a_corrupt_sample(demo_sha
     config = write_config(tmp_path / "train.yaml", max_steps=3, checkpoint_every=10, log_every=1,
                           optim=dict(total_batch=2))
     out = tmp_path / "run"
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2"]
+    launcher = deepspeed_launcher()
     env_before = os.environ.get("DS_ACCELERATOR")
     os.environ["DS_ACCELERATOR"] = "cpu"
     try:
@@ -212,7 +223,7 @@ def test_two_ranks_train_the_full_tiny_model_in_bf16(demo_shards, tmp_path):
                           images_every=1000, model=dict(overrides=small),
                           optim=dict(total_batch=2, precision="bf16"))
     out = tmp_path / "run"
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2"]
+    launcher = deepspeed_launcher()
     env_before = os.environ.get("DS_ACCELERATOR")
     os.environ["DS_ACCELERATOR"] = "cpu"
     try:
