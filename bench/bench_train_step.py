@@ -32,18 +32,20 @@ VARIANTS = {
 }
 
 
-def random_batches(resolution: int, num_views: int):
+def random_batches(resolution: int, num_views: int, batch_size: int = 1):
+    """Endless loader-like batches (docs/interfaces.md) of random views on a real orbit."""
     c2w, _ = cv.to_condition_frame(cv.orbit_c2w(15.0, cv.orbit_azimuths(0.0)[::2][:num_views]))
     K = cv.intrinsics(cv.DEFAULT_FOV_DEG, resolution)
     g = torch.Generator().manual_seed(0)
+    B, V, R = batch_size, num_views, resolution
     while True:
         yield dict(
-            images=torch.rand(1, num_views, 3, resolution, resolution, generator=g) * 2 - 1,
-            alphas=torch.ones(1, num_views, 1, resolution, resolution),
-            ccm=torch.rand(1, num_views, 3, resolution, resolution, generator=g),
-            c2w=torch.tensor(c2w, dtype=torch.float32)[None],
-            K=torch.tensor(np.broadcast_to(K, (num_views, 3, 3)).copy(), dtype=torch.float32)[None],
-            key=["bench"],
+            images=torch.rand(B, V, 3, R, R, generator=g) * 2 - 1,
+            alphas=torch.ones(B, V, 1, R, R),
+            ccm=torch.rand(B, V, 3, R, R, generator=g),
+            c2w=torch.tensor(c2w, dtype=torch.float32).expand(B, V, 4, 4).clone(),
+            K=torch.tensor(np.broadcast_to(K, (B, V, 3, 3)).copy(), dtype=torch.float32),
+            key=["bench"] * B,
         )
 
 

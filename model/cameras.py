@@ -1,35 +1,63 @@
-"""Camera maths for the model: Plücker ray maps, intrinsics scaling, and the fixed similarity
-between the model frame and LGM's frame.
+"""Camera maths for the model: Plücker ray maps, intrinsics scaling, and the similarity between
+the model frame and LGM's frame.
 
 Conventions (``data_pipeline/conventions.py``): ``c2w`` is camera-to-world with OpenCV axes,
 ``K`` in pixels, pixel ``(row v, column u)`` has its centre at ``(u + 0.5, v + 0.5)``, x is the
 column. The MODEL frame is the normalised world rotated about +Z so that the condition camera
 sits on +X (radius 2.0, +Z up).
 
-LGM's frame (3DTopia/LGM, ``core/provider_objaverse.py``): +Y up, the first (front) input camera
-on +Z at radius 1.5 looking at the origin. The map model -> LGM is the similarity
-``x_lgm = s R x_model`` with ``s = 1.5 / 2.0`` and ``R`` the proper rotation taking
-+X -> +Z, +Y -> +X, +Z -> +Y. Plücker rays do not depend on the camera's own axes (OpenCV or
-OpenGL), only on world rays, so the cameras need no axis flip: we move the pose, not its axes.
+LGM's frame (3DTopia/LGM, ``core/provider_objaverse.py``): LGM's data pipeline scales the scene
+so that the cameras are at radius 1.5, then moves it so that its first input camera is exactly
+at ``[I | (0, 0, 1.5)]`` in OpenGL camera axes (x right, y up, looking along -z), whatever
+that camera's elevation: ``T = [I | (0, 0, 1.5)] inv(c2w_0)``. The same here, per sample, with
+the first LGM input view as the reference camera ``(R_0, t_0)`` (OpenCV axes, so
+``c2w_0^GL = c2w_0 diag(1, -1, -1, 1)``):
+
+    x_lgm = s F R_0^T (x - t_0) + (0, 0, 1.5),   s = 1.5 / |t_0|,   F = diag(1, -1, -1)
+
+``|t_0|`` is the reference camera's orbit radius (it looks at the origin): 2.0 by default, so
+``s = 0.75``, as LGM scales its own renders' radius to ``cam_radius`` (1.5).
+
+Plücker rays do not depend on a camera's own axes (OpenCV or OpenGL), only on world rays, so
+the moved cameras keep their OpenCV axes (LGM's frame, OpenCV cameras).
 """
 
 from __future__ import annotations
 
 import torch
 
-from data_pipeline.conventions import DEFAULT_RADIUS
-from model.gaussians import OPACITY, RGB, ROTATION, SCALE, XYZ, quaternion_multiply
+from model.gaussians import OPACITY, RGB, ROTATION, SCALE, XYZ, matrix_to_quaternion, quaternion_multiply
 
 LGM_CAMERA_RADIUS = 1.5
-MODEL_TO_LGM_SCALE = LGM_CAMERA_RADIUS / DEFAULT_RADIUS
-# Columns are the images of the model axes: R e_x = e_z, R e_y = e_x, R e_z = e_y (det = +1).
-MODEL_TO_LGM_ROTATION = ((0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
-# The same rotation as a unit quaternion (w, x, y, z): -120 degrees about (1, 1, 1)/sqrt(3).
-MODEL_TO_LGM_QUATERNION = (0.5, -0.5, -0.5, -0.5)
+OPENCV_TO_OPENGL = (1.0, -1.0, -1.0)  # camera axes: y and z flipped
 
 
-def _rotation(like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(MODEL_TO_LGM_ROTATION, dtype=like.dtype, device=like.device)
+def model_to_lgm_rotation(reference: torch.Tensor) -> torch.Tensor:
+    """``F R_0^T``: the rotation of the model -> LGM similarity for a reference camera.
+
+    Args:
+        reference: [..., 4, 4] model-frame OpenCV camera-to-world of the first LGM input view.
+    Returns:
+        [..., 3, 3]
+    """
+    flip = torch.tensor(OPENCV_TO_OPENGL, dtype=reference.dtype, device=reference.device)
+    return flip[:, None] * reference[..., :3, :3].transpose(-1, -2)
+
+
+def model_to_lgm_scale(reference: torch.Tensor) -> torch.Tensor:
+    """``s = 1.5 / |t_0|``: the reference camera moved to LGM's radius. [..., 4, 4] -> [...]."""
+    return LGM_CAMERA_RADIUS / reference[..., :3, 3].norm(dim=-1)
+
+
+def _lgm_offset(like: torch.Tensor) -> torch.Tensor:
+    """(0, 0, 1.5): where LGM's frame puts the reference camera."""
+    return torch.tensor((0.0, 0.0, LGM_CAMERA_RADIUS), dtype=like.dtype, device=like.device)
+
+
+def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype camera and Gaussian geometry is computed in: float32 for half-precision inputs
+    (fp16 / bf16 networks), the input's own dtype when it is float32 or float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def pixel_rays(
@@ -37,12 +65,17 @@ def pixel_rays(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """World rays through the pixel centres ``(u + 0.5, v + 0.5)``, x = column.
 
+    Geometry is computed in at least float32 (float64 stays float64): ``K`` is inverted, which
+    half precision cannot do, and pixel coordinates up to 512 are not exact in bfloat16.
+
     Args:
         c2w: [..., 4, 4] OpenCV camera-to-world.  K: [..., 3, 3] in pixels of (height, width).
     Returns:
-        origins [..., height, width, 3], unit directions [..., height, width, 3]
+        origins [..., height, width, 3], unit directions [..., height, width, 3], float32 or
+        float64
     """
-    dtype, device = c2w.dtype, c2w.device
+    dtype, device = geometry_dtype(c2w.dtype), c2w.device
+    c2w = c2w.to(dtype)
     u = torch.arange(width, dtype=dtype, device=device) + 0.5
     v = torch.arange(height, dtype=dtype, device=device) + 0.5
     uu, vv = torch.meshgrid(u, v, indexing="xy")  # [H, W]: uu[v, u] = u + 0.5
@@ -103,39 +136,47 @@ def scale_intrinsics(K: torch.Tensor, from_size: int, to_size: int) -> torch.Ten
     return K * scale[:, None]
 
 
-def model_to_lgm_c2w(c2w: torch.Tensor) -> torch.Tensor:
-    """Camera poses moved from the model frame into LGM's frame: ``x_lgm = s R x_model``.
+def model_to_lgm_c2w(c2w: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Camera poses moved from the model frame into LGM's frame of ``reference`` (module doc).
 
-    The camera's own axes stay OpenCV; its rotation is ``R @ c2w[:3, :3]`` and its centre
-    ``s R t``, so world rays map to world rays (direction ``R d``, origin ``s R o``).
+    The camera's own axes stay OpenCV: its rotation becomes ``F R_0^T R`` and its centre
+    ``s F R_0^T (t - t_0) + (0, 0, 1.5)``, so world rays map to world rays. The reference camera
+    itself becomes ``[F | (0, 0, 1.5)]``, i.e. ``[I | (0, 0, 1.5)]`` in OpenGL axes.
 
     Args:
-        c2w: [..., 4, 4] model-frame OpenCV camera-to-world.
+        c2w: [B, V, 4, 4] model-frame OpenCV camera-to-world.
+        reference: [B, 4, 4] the camera that defines the frame (LGM's first input view).
     Returns:
-        [..., 4, 4] LGM-frame camera-to-world.
+        [B, V, 4, 4] LGM-frame (OpenCV-axes) camera-to-world.
     """
-    R = _rotation(c2w)
+    R = model_to_lgm_rotation(reference)[..., None, :, :]  # [B, 1, 3, 3]
+    t0 = reference[..., None, :3, 3]  # [B, 1, 3]
+    s = model_to_lgm_scale(reference)[..., None, None]  # [B, 1, 1]
     out = c2w.clone()
     out[..., :3, :3] = R @ c2w[..., :3, :3]
-    out[..., :3, 3] = MODEL_TO_LGM_SCALE * (c2w[..., :3, 3] @ R.T)
+    out[..., :3, 3] = s * (R @ (c2w[..., :3, 3] - t0)[..., None])[..., 0] + _lgm_offset(c2w)
     return out
 
 
-def lgm_to_model_gaussians(g: torch.Tensor) -> torch.Tensor:
-    """Gaussians predicted in LGM's frame moved to the model frame: ``x = R^T x_lgm / s``.
+def lgm_to_model_gaussians(g: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Gaussians predicted in LGM's frame of ``reference`` moved to the model frame:
+    ``x = R_0 F (x_lgm - (0, 0, 1.5)) / s + t_0``.
 
-    Positions: ``R^T p / s``; scales: ``/ s``; rotations: ``q(R^T) q`` (the covariance
-    ``R^T Sigma R / s^2``); opacity and colour unchanged. Layout ``gaussians.py``.
+    Positions as above; scales ``/ s``; rotations ``q(R_0 F) q`` (the covariance
+    ``M Sigma M^T / s^2`` with ``M = R_0 F``); opacity and colour unchanged. Layout
+    ``gaussians.py``.
 
     Args:
-        g: [..., N, 14] activated Gaussians in LGM's frame.
+        g: [B, N, 14] activated Gaussians in LGM's frame.
+        reference: [B, 4, 4] the model-frame camera the LGM frame was built from.
     Returns:
-        [..., N, 14] in the model frame.
+        [B, N, 14] in the model frame.
     """
-    R = _rotation(g)
-    w, x, y, z = MODEL_TO_LGM_QUATERNION
-    q_inv = torch.tensor((w, -x, -y, -z), dtype=g.dtype, device=g.device)
-    xyz = (g[..., XYZ] @ R) / MODEL_TO_LGM_SCALE  # row vectors: p @ R = (R^T p)^T
-    scale = g[..., SCALE] / MODEL_TO_LGM_SCALE
-    rot = quaternion_multiply(q_inv.expand_as(g[..., ROTATION]), g[..., ROTATION])
+    reference = reference.to(g.dtype)
+    M = model_to_lgm_rotation(reference).transpose(-1, -2)  # [B, 3, 3]: LGM -> model rotation
+    s = model_to_lgm_scale(reference)[..., None, None]  # [B, 1, 1]
+    xyz = (g[..., XYZ] - _lgm_offset(g)) @ M.transpose(-1, -2) / s + reference[..., None, :3, 3]
+    scale = g[..., SCALE] / s
+    q = matrix_to_quaternion(M)[..., None, :].expand_as(g[..., ROTATION])
+    rot = quaternion_multiply(q, g[..., ROTATION])
     return torch.cat([xyz, g[..., OPACITY], scale, rot, g[..., RGB]], -1)

@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from model.config import ConditioningConfig
+from model.svd import vae_encoding
 
 
 def clip_image_embedding(
@@ -27,7 +28,9 @@ def clip_image_embedding(
     """CLIP embedding of the condition image as SVD computes it.
 
     The image is resized with antialiasing to the encoder's input size (SVD: 224), mapped to
-    [0, 1] and normalised with the feature extractor's mean and std.
+    [0, 1] and normalised with the feature extractor's mean and std, in float32 whatever the
+    encoder's dtype (antialiased resizes have no half-precision kernels on the CPU); only the
+    normalised pixels are cast to the encoder's dtype.
 
     Args:
         image: [B, 3, H, W] in [-1, 1].
@@ -36,7 +39,7 @@ def clip_image_embedding(
     """
     crop = feature_extractor.crop_size
     size = (crop["height"], crop["width"])
-    x = nnf.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=True)
+    x = nnf.interpolate(image.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
     x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
     mean = torch.tensor(feature_extractor.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
     std = torch.tensor(feature_extractor.image_std, dtype=x.dtype, device=x.device)[:, None, None]
@@ -52,14 +55,18 @@ def condition_latent(
 ) -> torch.Tensor:
     """VAE latent of the noise-augmented condition image (SVD: ``image + strength * n``, mode).
 
+    The augmentation is computed in float32; the VAE encodes in float32 when its config asks
+    for it (:func:`model.svd.vae_encoding`).
+
     Args:
         image: [B, 3, H, W] in [-1, 1].
     Returns:
-        [B, 4, H/8, W/8] (unscaled, as SVD's pipeline concatenates it).
+        [B, 4, H/8, W/8] (unscaled, as SVD's pipeline concatenates it), in the encoding dtype.
     """
+    image = image.float()
     noise = randn_tensor(image.shape, generator=generator, device=image.device, dtype=image.dtype)
-    augmented = (image + noise_aug_strength * noise).to(vae.dtype)
-    return vae.encode(augmented).latent_dist.mode()
+    with vae_encoding(vae):
+        return vae.encode((image + noise_aug_strength * noise).to(vae.dtype)).latent_dist.mode()
 
 
 def added_time_ids(cfg: ConditioningConfig, batch_size: int, device, dtype=torch.float32) -> torch.Tensor:

@@ -58,6 +58,32 @@ def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
     ).reshape(*q.shape[:-1], 3, 3)  # fmt: skip
 
 
+def matrix_to_quaternion(R: torch.Tensor) -> torch.Tensor:
+    """Unit quaternion (w, x, y, z) of a proper rotation matrix, the inverse of
+    :func:`quaternion_to_matrix` up to sign (Shepperd's method: the largest of ``|w|, |x|,
+    |y|, |z|`` is taken from the diagonal, the others from the off-diagonal terms).
+
+    Args:
+        R: [..., 3, 3] rotation (det +1).
+    Returns:
+        [..., 4]
+    """
+    m = R.reshape(*R.shape[:-2], 9).unbind(-1)
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m
+    candidates = torch.stack(
+        [
+            torch.stack([1 + m00 + m11 + m22, m21 - m12, m02 - m20, m10 - m01], -1),  # from w
+            torch.stack([m21 - m12, 1 + m00 - m11 - m22, m01 + m10, m02 + m20], -1),  # from x
+            torch.stack([m02 - m20, m01 + m10, 1 - m00 + m11 - m22, m12 + m21], -1),  # from y
+            torch.stack([m10 - m01, m02 + m20, m12 + m21, 1 - m00 - m11 + m22], -1),  # from z
+        ],
+        -2,
+    )  # [..., 4, 4]: row k = 4 q_k q, largest and best conditioned where |q_k| is largest
+    diagonal = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
+    best = diagonal.argmax(-1)[..., None, None].expand(*R.shape[:-2], 1, 4)
+    return torch.nn.functional.normalize(candidates.gather(-2, best).squeeze(-2), dim=-1)
+
+
 def covariance_3d(scale: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """World covariance of a Gaussian: ``Sigma = R S S^T R^T`` (3DGS, Kerbl et al. 2023, Eq. 6).
 

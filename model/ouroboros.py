@@ -36,7 +36,13 @@ from model.feedback_adapter import build_adapter
 from model.lgm import LGM, LGMConfig, prepare_inputs, reconstruction_loss
 from model.multiview_unet import MultiViewUNet
 from model.rasterizer import render_gaussians
-from model.svd import SVDComponents, build_svd_components, load_svd_components, save_svd_components
+from model.svd import (
+    SVDComponents,
+    build_svd_components,
+    load_svd_components,
+    save_svd_components,
+    vae_encoding,
+)
 
 CONFIG_NAME = "ouroboros_config.json"
 
@@ -189,17 +195,20 @@ class Ouroboros3D(nn.Module):
 
     @torch.no_grad()
     def encode_views(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training targets x_0: VAE latents (sampled, times the scaling factor).
+        """Training targets x_0: VAE latents (sampled, times the scaling factor), encoded in
+        float32 when the VAE's config has ``force_upcast`` (``model.svd.vae_encoding``).
 
-        images [B, F, 3, H, W] in [-1, 1] -> [B, F, 4, H/8, W/8]
+        images [B, F, 3, H, W] in [-1, 1] -> [B, F, 4, H/8, W/8] float32
         """
-        dist = self.vae.encode(images.flatten(0, 1).to(self.vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator) * self.vae.config.scaling_factor
+        with vae_encoding(self.vae):
+            dist = self.vae.encode(images.flatten(0, 1).to(self.vae.dtype)).latent_dist
+            latents = dist.sample(generator=generator) * self.vae.config.scaling_factor
         return latents.unflatten(0, images.shape[:2]).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """x_0 latents [B, F, 4, h, w] -> images [B, F, 3, 8h, 8w] in [-1, 1] (temporal decoder over F)."""
+        """x_0 latents [B, F, 4, h, w] -> images [B, F, 3, 8h, 8w] float32 in [-1, 1] (temporal
+        decoder over F, in the VAE's dtype as SVD's pipeline decodes)."""
         B, F = latents.shape[:2]
         z = (latents.flatten(0, 1) / self.vae.config.scaling_factor).to(self.vae.dtype)
         return self.vae.decode(z, num_frames=F).sample.unflatten(0, (B, F)).float().clamp(-1.0, 1.0)
@@ -207,7 +216,7 @@ class Ouroboros3D(nn.Module):
     @torch.no_grad()
     def encode_condition(self, cond_image: torch.Tensor, generator: torch.Generator | None = None):
         """SVD conditioning of the condition image [B, 3, H, W] in [-1, 1]:
-        (CLIP embedding [B, 1, D], image latent [B, 4, h, w])."""
+        (CLIP embedding [B, 1, D], image latent [B, 4, h, w]), both float32."""
         embedding = clip_image_embedding(self.image_encoder, self.feature_extractor, cond_image)
         latent = condition_latent(self.vae, cond_image, self.config.conditioning.noise_aug_strength, generator)
         return embedding.float(), latent.float()
@@ -239,14 +248,18 @@ class Ouroboros3D(nn.Module):
             images: [B, V, 3, H, W] in [-1, 1].  c2w: [B, V, 4, 4] model frame.  K: [B, V, 3, 3]
             (pixels of H).  c_noise: [B].
         Returns:
-            Gaussians [B, N, 14] in the model frame.
+            Gaussians [B, N, 14] float32 in the model frame.
+
+        Only LGM's input tensor is cast to its dtype: the views' preprocessing, the cameras and
+        the Gaussians' frame change stay float32, and ``c_noise`` stays float32 (the time
+        embedding computes its sinusoids in float32 and casts them itself).
         """
         idx = list(self.config.lgm_input_views)
-        views = ((images[:, idx] + 1.0) / 2.0).clamp(0.0, 1.0)
+        views = ((images[:, idx].float() + 1.0) / 2.0).clamp(0.0, 1.0)
         lgm_in = prepare_inputs(views, c2w[:, idx], K[:, idx], self.config.lgm_resolution)
         dtype = next(self.lgm.parameters()).dtype
-        gaussians = self.lgm(lgm_in.to(dtype), c_noise.to(dtype))
-        return lgm_to_model_gaussians(gaussians.float())
+        gaussians = self.lgm(lgm_in.to(dtype), c_noise.float())
+        return lgm_to_model_gaussians(gaussians.float(), c2w[:, idx[0]].float())
 
     def render(self, gaussians: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> dict:
         """Render at every camera at the model's resolution (RGB over the configured background)."""
@@ -363,9 +376,9 @@ class Ouroboros3D(nn.Module):
         )
 
     def _recon_loss(self, renders: dict, images: torch.Tensor, alphas: torch.Tensor):
-        """Eq. 2 terms (MSE, LPIPS), unweighted, of renders vs the ground-truth views."""
-        gt_rgb = ((images + 1.0) / 2.0).clamp(0.0, 1.0)
-        out = reconstruction_loss(renders["rgb"], renders["alpha"], gt_rgb, alphas, self.config.lpips_weight,
+        """Eq. 2 terms (MSE, LPIPS), unweighted, of renders vs the ground-truth views, in float32."""
+        gt_rgb = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        out = reconstruction_loss(renders["rgb"], renders["alpha"], gt_rgb, alphas.float(), self.config.lpips_weight,
                                   self.config.allow_random_lpips)
         return out["mse"], out["lpips"]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,27 @@ class SVDComponents:
     vae: AutoencoderKLTemporalDecoder
     image_encoder: CLIPVisionModelWithProjection
     feature_extractor: CLIPImageProcessor
+
+
+@contextmanager
+def vae_encoding(vae: AutoencoderKLTemporalDecoder):
+    """Run the VAE in float32 inside the block when its config has ``force_upcast`` and its
+    weights are half precision, then restore their dtype (StableVideoDiffusionPipeline upcasts
+    a ``force_upcast`` VAE for encoding the same way; SVD's VAE overflows in fp16).
+
+    Unlike the pipeline, which upcasts only fp16, bf16 weights are upcast too: bf16 keeps fp32's
+    range but only 8 bits of mantissa, and the latents are the training targets.
+    """
+    dtype = vae.dtype
+    upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype in (torch.float16, torch.bfloat16)
+    # nn.Module.to, not ModelMixin.to: diffusers 0.42's logs a warning on every dtype cast
+    if upcast:
+        torch.nn.Module.to(vae, torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            torch.nn.Module.to(vae, dtype)
 
 
 def build_svd_components(cfg: OuroborosConfig) -> SVDComponents:

@@ -6,7 +6,6 @@ import torch
 
 from data_pipeline import conventions as C
 from model import cameras
-from model.gaussians import quaternion_to_matrix
 from model.rasterizer import render_gaussians
 from raycast_oracle import first_hits, normalised_mesh
 
@@ -58,25 +57,40 @@ def test_scale_intrinsics_keeps_the_image_plane():
         cameras.scale_intrinsics(K, 0, 64)
 
 
-def test_model_to_lgm_frame():
-    """The condition camera (+X, radius 2, +Z up) becomes LGM's front camera (+Z, radius 1.5,
-    +Y up); Plücker maps transform as lines under a similarity (m -> s R m, d -> R d)."""
-    c2w = torch.tensor(C.orbit_c2w(0.0, [0.0, 90.0, 180.0]), dtype=torch.float64)
-    lgm = cameras.model_to_lgm_c2w(c2w)
-    torch.testing.assert_close(lgm[0, :3, 3], torch.tensor([0.0, 0.0, 1.5], dtype=torch.float64))
-    # OpenCV y points down: world up is -y of the camera, +Y in LGM's frame.
-    torch.testing.assert_close(-lgm[0, :3, 1], torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
-    R = torch.tensor(cameras.MODEL_TO_LGM_ROTATION, dtype=torch.float64)
-    assert torch.linalg.det(R) == pytest.approx(1.0)
-    q = torch.tensor(cameras.MODEL_TO_LGM_QUATERNION, dtype=torch.float64)
-    torch.testing.assert_close(quaternion_to_matrix(q), R)
+def lgm_provider_poses(c2w_world: np.ndarray, radius: float) -> np.ndarray:
+    """The camera normalisation of 3DTopia/LGM ``core/provider_objaverse.py``, step by step, on
+    OpenCV cameras in a +Z-up (Blender) world: to OpenGL world and camera axes, cameras scaled
+    to LGM's radius 1.5, then ``T = [I | (0, 0, 1.5)] inv(c2w_0)`` applied to every pose.
 
-    K = torch.tensor(C.intrinsics(39.6, 6)).expand(3, 3, 3)
-    p_model = cameras.plucker_rays(c2w, K, 6, 6)
-    p_lgm = cameras.plucker_rays(lgm, K, 6, 6)
-    s = cameras.MODEL_TO_LGM_SCALE
-    torch.testing.assert_close(p_lgm[:, :3], s * torch.einsum("ij,vjhw->vihw", R, p_model[:, :3]))
-    torch.testing.assert_close(p_lgm[:, 3:], torch.einsum("ij,vjhw->vihw", R, p_model[:, 3:]))
+    Returns:
+        [V, 4, 4] OpenGL-axes camera-to-world in LGM's frame.
+    """
+    poses = []
+    for c2w in c2w_world.astype(np.float64):
+        c2w = c2w.copy()
+        c2w[1] *= -1
+        c2w[[1, 2]] = c2w[[2, 1]]  # world: +Z up -> +Y up
+        c2w[:3, 1:3] *= -1  # camera: OpenCV -> OpenGL
+        c2w[:3, 3] *= 1.5 / radius
+        poses.append(c2w)
+    poses = np.stack(poses)
+    transform = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1.5], [0, 0, 0, 1.0]]) @ np.linalg.inv(poses[0])
+    return transform[None] @ poses
+
+
+@pytest.mark.parametrize("elevation, radius", [(-5.0, 2.0), (0.0, 2.0), (20.0, 2.0), (30.0, 2.6)])
+def test_model_to_lgm_frame_is_lgms_own_camera_normalisation(elevation, radius):
+    """Real orbit cameras (every 2nd frame of an orbit, condition frame first): our LGM-frame
+    cameras, in OpenGL axes, equal LGM's own normalisation of the same cameras, computed in
+    world coordinates before the condition frame rotation; the first camera is at
+    [I | (0, 0, 1.5)] whatever its elevation."""
+    world = C.orbit_c2w(elevation, C.orbit_azimuths(37.0)[::2][:4], radius)
+    model, _ = C.to_condition_frame(world)
+    c2w = torch.tensor(model, dtype=torch.float64)[None]
+    ours = cameras.model_to_lgm_c2w(c2w, c2w[:, 0])[0].numpy()
+    ours[:, :3, 1:3] *= -1  # OpenCV -> OpenGL camera axes, to compare with LGM's
+    np.testing.assert_allclose(ours, lgm_provider_poses(world, radius), atol=1e-12)
+    np.testing.assert_allclose(ours[0], [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1.5], [0, 0, 0, 1]], atol=1e-12)
 
 
 def test_lgm_gaussians_to_model_frame_render_identically():
@@ -96,15 +110,16 @@ def test_lgm_gaussians_to_model_frame_render_identically():
     ).double()[None]
     c2w_model = torch.tensor(C.orbit_c2w(20.0, [0.0, 130.0]))[None]
     K = torch.tensor(C.intrinsics(39.6, 24)).expand(1, 2, 3, 3)
-    in_lgm = render_gaussians(g, cameras.model_to_lgm_c2w(c2w_model), K, 24, 24)
-    in_model = render_gaussians(cameras.lgm_to_model_gaussians(g), c2w_model, K, 24, 24)
+    reference = c2w_model[:, 0]
+    in_lgm = render_gaussians(g, cameras.model_to_lgm_c2w(c2w_model, reference), K, 24, 24)
+    in_model = render_gaussians(cameras.lgm_to_model_gaussians(g, reference), c2w_model, K, 24, 24)
     assert in_lgm["alpha"].amax() > 0.5
     for key in ("rgb", "alpha"):
         torch.testing.assert_close(in_model[key], in_lgm[key], atol=1e-9, rtol=1e-7)
     # Depth scales with the frame; quaternions stay unit.
     torch.testing.assert_close(
-        in_model["depth"] * cameras.MODEL_TO_LGM_SCALE, in_lgm["depth"], atol=1e-9, rtol=1e-7
+        in_model["depth"] * cameras.model_to_lgm_scale(reference), in_lgm["depth"], atol=1e-9, rtol=1e-7
     )
     torch.testing.assert_close(
-        cameras.lgm_to_model_gaussians(g)[..., 7:11].norm(dim=-1), torch.ones(1, n).double()
+        cameras.lgm_to_model_gaussians(g, reference)[..., 7:11].norm(dim=-1), torch.ones(1, n).double()
     )

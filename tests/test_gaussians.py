@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from model.gaussians import covariance_3d, quaternion_multiply, quaternion_to_matrix
+from model.gaussians import covariance_3d, matrix_to_quaternion, quaternion_multiply, quaternion_to_matrix
 
 
 def random_gaussians(n, seed=0):
@@ -32,6 +32,17 @@ def test_quaternions_match_scipy():
     )
     # Normalised along the 4 components: a scaled quaternion is the same rotation.
     np.testing.assert_allclose(quaternion_to_matrix(3 * q).numpy(), r.as_matrix(), atol=1e-12)
+
+
+def test_matrix_to_quaternion_matches_scipy_on_every_branch():
+    """Random rotations and the 180-degree turns about x, y, z (where w = 0 and a single x, y or
+    z branch is the only well-conditioned one)."""
+    q = torch.nn.functional.normalize(torch.randn(200, 4, dtype=torch.float64), dim=-1)
+    turns = torch.tensor([[0.0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]], dtype=torch.float64)
+    q = torch.cat([q, turns])
+    got = matrix_to_quaternion(torch.from_numpy(Rotation.from_quat(q[:, [1, 2, 3, 0]].numpy()).as_matrix()))
+    sign = torch.sign((got * q).sum(-1, keepdim=True))  # q and -q are the same rotation
+    torch.testing.assert_close(got * sign, q, atol=1e-12, rtol=0)
 
 
 def test_covariance_is_r_s2_rt():

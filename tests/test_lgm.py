@@ -161,7 +161,8 @@ def test_prepare_inputs():
     expected = (0.5 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(x[0, 0, :3, 5, 7], expected)
     K32 = cameras.scale_intrinsics(K, H, 32)
-    torch.testing.assert_close(x[:, :, 3:], cameras.plucker_rays(cameras.model_to_lgm_c2w(c2w), K32, 32, 32))
+    lgm_c2w = cameras.model_to_lgm_c2w(c2w, c2w[:, 0])
+    torch.testing.assert_close(x[:, :, 3:], cameras.plucker_rays(lgm_c2w, K32, 32, 32))
     # View 0 (model +X) is LGM's front camera on +Z: its central rays point along -Z.
     centre = x[0, 0, 6:9, 15:17, 15:17].mean((-1, -2))
     torch.testing.assert_close(centre / centre.norm(), torch.tensor([0.0, 0.0, -1.0]), atol=1e-3, rtol=0)
@@ -208,7 +209,7 @@ def test_lgm_learns_through_the_rasterizer():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(6):
-        g = cameras.lgm_to_model_gaussians(model(x, c_noise))
+        g = cameras.lgm_to_model_gaussians(model(x, c_noise), c2w[:, 0])
         out = render_gaussians(g, c2w, K, size, size)
         loss = reconstruction_loss(out["rgb"], out["alpha"], target["rgb"], target["alpha"], 0.0)["loss"]
         opt.zero_grad()

@@ -105,17 +105,31 @@ def test_rotated_anisotropic_gaussian_matches_a_numerical_ewa_reference():
 def test_front_gaussian_occludes_back_one_whatever_the_input_order():
     size = 17
     c2w, K = front_camera(size)
-    front = ([0.3, 0, 0], 1.0, [0.1] * 3, [1.0, 0, 0])
+    front = ([0.3, 0, 0], 0.8, [0.1] * 3, [1.0, 0, 0])
     back = ([-0.3, 0, 0], 1.0, [0.1] * 3, [0, 0, 1.0])
     for pair in ((front, back), (back, front)):
         g = torch.cat([gaussians(*p) for p in pair], 1)
         out = render_gaussians(g, c2w, K, size, size, background=0.0)
         centre = out["rgb"][0, 0, :, size // 2, size // 2]
-        # alpha clamps at 0.99: the back one gets 0.99 * 0.01 of the light.
-        torch.testing.assert_close(centre, torch.tensor([0.99, 0, 0.99 * 0.01], dtype=centre.dtype))
+        # the back one's alpha clamps at 0.999 and it gets the 0.2 of light the front one leaves
+        torch.testing.assert_close(centre, torch.tensor([0.8, 0, 0.2 * 0.999], dtype=centre.dtype))
         assert out["depth"][0, 0, 0, size // 2, size // 2] == pytest.approx(
-            (0.99 * 1.7 + 0.0099 * 2.3) / (0.99 + 0.0099)
+            (0.8 * 1.7 + 0.1998 * 2.3) / (0.8 + 0.1998)
         )
+
+
+def test_compositing_stops_before_transmittance_falls_to_1e_4_as_gsplat():
+    """An opaque front Gaussian (alpha clamped at 0.999, T = 1e-3 after it): the one behind would
+    take T to 1e-6, so gsplat's kernel drops it (and stops); so does the reference."""
+    size = 17
+    c2w, K = front_camera(size)
+    front = gaussians([0.3, 0, 0], 1.0, [0.1] * 3, [1.0, 0, 0])
+    back = gaussians([-0.3, 0, 0], 1.0, [0.1] * 3, [0, 0, 1.0])
+    out = render_gaussians(torch.cat([back, front], 1), c2w, K, size, size, background=0.0)
+    c = size // 2
+    torch.testing.assert_close(out["rgb"][0, 0, :, c, c], torch.tensor([0.999, 0, 0], dtype=torch.float64))
+    assert out["alpha"][0, 0, 0, c, c] == pytest.approx(0.999)
+    assert out["depth"][0, 0, 0, c, c] == pytest.approx(1.7)
 
 
 def test_gaussians_behind_the_camera_are_skipped():

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -53,6 +54,16 @@ def run_main(config: Path, data: str, output: Path, *extra: str, launcher: list[
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def deepspeed_launcher(ranks: int = 2) -> list[str]:
+    """The ``deepspeed`` launcher on a free rendezvous port: its default (29500) is shared by every
+    launcher on the machine, and two concurrent runs there join each other's process groups."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(ranks),
+            "--master_port", str(port)]
 
 
 def losses(output: Path) -> dict[int, dict]:
@@ -200,7 +211,7 @@ def test_two_ranks_through_the_deepspeed_launcher_with_a_corrupt_sample(demo_sha
     config = write_config(tmp_path / "train.yaml", max_steps=3, checkpoint_every=10, log_every=1,
                           optim=dict(total_batch=2))
     out = tmp_path / "run"
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2"]
+    launcher = deepspeed_launcher()
     env_before = os.environ.get("DS_ACCELERATOR")
     os.environ["DS_ACCELERATOR"] = "cpu"
     try:
@@ -242,3 +253,38 @@ def test_training_refuses_a_random_lpips_trunk_unless_the_config_allows_it(tmp_p
             assert lpips_trunk(preset("tiny", allow_random_lpips=True))["real"] is False
     finally:
         lgm_loss.lpips_network.cache_clear()
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_full_tiny_model_in_bf16(demo_shards, tmp_path):
+    """``precision: bf16`` through the launcher on 2 CPU ranks: the whole of Algorithm 1 (feedback
+    adapters, joint LGM with the clean pass, self-conditioning at every step) with DeepSpeed's
+    bf16 engine casting the weights, 2 steps with finite losses. 4 of the 8 views (the LGM's
+    input views) keep the torch rasterizer's share of the step small."""
+    small = dict(self_cond_prob=1.0, num_views=4, lgm_input_views=[0, 1, 2, 3])
+    config = write_config(tmp_path / "train.yaml", max_steps=2, checkpoint_every=10, log_every=1,
+                          images_every=1000, model=dict(overrides=small),
+                          optim=dict(total_batch=2, precision="bf16"))
+    out = tmp_path / "run"
+    launcher = deepspeed_launcher()
+    env_before = os.environ.get("DS_ACCELERATOR")
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        run_main(config, str(demo_shards / "shard-000000.tar"), out, launcher=launcher)
+    finally:
+        if env_before is None:
+            os.environ.pop("DS_ACCELERATOR")
+        else:
+            os.environ["DS_ACCELERATOR"] = env_before
+    assert json.loads((out / "deepspeed_config.json").read_text())["bf16"]["enabled"]
+    records = losses(out)
+    assert sorted(records) == [1, 2]
+    for step, record in records.items():
+        for name in ("loss", "loss_diffusion", "loss_recon_mse", "grad_norm"):
+            assert torch.isfinite(torch.tensor(record[name])), (step, name, record[name])
+        assert record["loss_recon_mse"] > 0  # LGM reconstructed and rendered
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/self_cond_fraction")] == [1.0, 1.0]

@@ -20,7 +20,6 @@ from training.config import TrainConfig
 from training.loader import rng_seed
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "infra" / "deepspeed"
-CAMERA_KEYS = ("c2w", "K")
 
 
 def _free_port() -> int:
@@ -105,8 +104,8 @@ class TrainingObjective(torch.nn.Module):
     """``forward(batch, generator)`` = ``model.training_losses`` (Algorithm 1, section 3.3), or
     ``model.reconstruction_losses`` (LGM alone on clean views) for the ``reconstruction`` objective.
 
-    Image-like batch tensors are cast to the parameters' dtype (fp16 / bf16 engines); the
-    cameras stay float32.
+    The batch stays float32 under fp16 / bf16 engines: the model casts what enters each
+    network to that network's dtype and keeps cameras, preprocessing and losses in float32.
     """
 
     def __init__(self, model: torch.nn.Module, objective: str = "algorithm1"):
@@ -115,11 +114,6 @@ class TrainingObjective(torch.nn.Module):
         self.objective = objective
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
-        dtype = next(self.model.parameters()).dtype
-        batch = {
-            k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k not in CAMERA_KEYS else v
-            for k, v in batch.items()
-        }
         if self.objective == "reconstruction":
             return self.model.reconstruction_losses(batch, generator=generator)
         return self.model.training_losses(batch, generator=generator)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from model.cameras import geometry_dtype
 from model.gaussians import check_gaussians
 from model.rasterizer import gsplat_backend, torch_reference
 
@@ -28,6 +29,7 @@ def render_gaussians(
 
     Args:
         gaussians: [B, N, 14] activated Gaussians (``model/gaussians.py``), world = the cameras'.
+            Half-precision Gaussians are rendered in float32 (the outputs are float32 then).
         c2w: [B, V, 4, 4] OpenCV camera-to-world.  K: [B, V, 3, 3] pixels of (height, width).
         background: colour [3] (or a scalar grey) behind the RGB image.
         backend: "auto" | "torch" | "gsplat".
@@ -50,6 +52,7 @@ def render_gaussians(
         backend = "gsplat" if gaussians.is_cuda else "torch"
     if backend == "gsplat" and not gaussians.is_cuda:
         raise ValueError("backend 'gsplat' needs CUDA tensors; use 'torch' on the CPU")
+    gaussians = gaussians.to(geometry_dtype(gaussians.dtype))  # covariances, projection: >= fp32
     bg = torch.as_tensor(background, dtype=gaussians.dtype, device=gaussians.device)
     bg = bg.expand(3) if bg.ndim == 0 else bg
     c2w, K = c2w.to(gaussians), K.to(gaussians)  # dtype and device of the Gaussians

@@ -5,9 +5,14 @@ Steps (Kerbl et al. 2023, "3D Gaussian Splatting", Sec. 4 and 6; Zwicker et al. 
 1. world -> camera (OpenCV axes), skip centres with ``z < near``;
 2. project the centre with ``K``, the covariance with the Jacobian of the perspective map
    (:func:`projected_covariance`), plus a 0.3 px^2 low-pass on the diagonal;
-3. per pixel, ``alpha_i = min(0.99, o_i exp(-0.5 d^T Sigma'^-1 d))``, terms below 1/255 dropped;
+3. per pixel, ``alpha_i = min(0.999, o_i exp(-0.5 d^T Sigma'^-1 d))``, terms below 1/255 dropped;
 4. front-to-back compositing in depth order: ``C = sum_i c_i alpha_i T_i``,
-   ``T_i = prod_{j<i} (1 - alpha_j)`` (:func:`composite`).
+   ``T_i = prod_{j<i} (1 - alpha_j)``, stopping before the Gaussian that would take ``T`` to
+   1e-4 or below (:func:`composite`).
+
+The clamp (0.999) and the stop (1e-4, exclusive) are gsplat 1.5's
+(``cuda/csrc/RasterizeToPixels3DGSFwd.cu``), so that the CPU and the CUDA backend render the same
+images; the original 3DGS clamps at 0.99.
 
 Pixels are processed tile by tile; a tile sees only the Gaussians whose footprint reaches it,
 so memory is O(tile pixels x Gaussians per tile), never O(H W N); with gradients, each tile is
@@ -26,7 +31,8 @@ from model.gaussians import OPACITY, RGB, ROTATION, SCALE, XYZ, covariance_3d
 NEAR_PLANE = 0.01
 LOW_PASS = 0.3  # px^2 added to the 2D covariance (3DGS / gsplat eps2d)
 ALPHA_MIN = 1.0 / 255.0
-ALPHA_MAX = 0.99
+ALPHA_MAX = 0.999
+TRANSMITTANCE_MIN = 1e-4  # a pixel is done before its transmittance would fall to this
 POWER_MIN = -math.log(255.0) - 1.0  # o exp(POWER_MIN) < 1/255 for every opacity o <= 1
 
 
@@ -93,19 +99,25 @@ def footprint_radius(cov2d: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor
     return torch.sqrt(level * lam_max)
 
 
+def _transmittance(alpha: torch.Tensor) -> torch.Tensor:
+    """``T_i = prod_{j<i} (1 - alpha_j)`` for i = 0..n. alpha [P, n] -> [P, n + 1]."""
+    return torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha], 1), 1)
+
+
 def composite(alpha: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Front-to-back alpha compositing: ``sum_i v_i alpha_i T_i``, ``T_i = prod_{j<i}(1-alpha_j)``
-    (3DGS Eq. 3).
+    (3DGS Eq. 3), over the Gaussians before the first one whose ``T_i (1 - alpha_i)`` would be
+    <= 1e-4 (that one and all behind it are dropped, as gsplat and 3DGS do).
 
     Args:
         alpha: [P, n] per pixel, Gaussians sorted front to back.  values: [n, C].
     Returns:
         (accumulated [P, C], final transmittance [P])
     """
-    one_minus = 1.0 - alpha
-    transmittance = torch.cumprod(
-        torch.cat([torch.ones_like(alpha[:, :1]), one_minus], 1), 1
-    )  # [P, n + 1]
+    with torch.no_grad():  # T only falls along a pixel's list, so this keeps a prefix
+        alive = _transmittance(alpha)[:, 1:] > TRANSMITTANCE_MIN
+    alpha = alpha * alive
+    transmittance = _transmittance(alpha)  # [P, n + 1]
     weights = alpha * transmittance[:, :-1]
     return weights @ values, transmittance[:, -1]
 
