@@ -19,10 +19,19 @@ SMALL = dict(resolution=RES, num_views=V, lgm_input_views=(0, 1, 2, 3))
 
 
 def tiny_model(seed: int = 0, **overrides):
+    """The untrained tiny model; its feedback adapters get random output layers (as after some
+    training) instead of their zero initialisation, so that feedback changes the denoiser's
+    output and every adapter parameter gets a gradient at the first step."""
     from model.ouroboros import Ouroboros3D
 
     torch.manual_seed(seed)
-    return Ouroboros3D.from_config(preset("tiny", **{**SMALL, **overrides}))
+    model = Ouroboros3D.from_config(preset("tiny", **{**SMALL, **overrides}))
+    for adapter in (model.denoiser.ccm_adapter, model.denoiser.rgb_adapter):
+        if adapter is not None:
+            for module in adapter.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    module.reset_parameters()
+    return model
 
 
 def cameras(batch: int = 1, elevation: float = 10.0):
