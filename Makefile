@@ -29,6 +29,7 @@ test: lpips-trunks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Break the model's composition code on purpose, one behaviour at a time, and check that the
-# tests notice (scripts/mutation.py; not in CI: about 40 min on 2 cores). Results: docs/testing.md.
+# tests notice (scripts/mutation.py; not in CI). Quick: MUTATION_ARGS="--in-process --targeted"
+# (~10 min on 2 cores); whole test files: MUTATION_ARGS=--in-process (~1 h). Results: docs/testing.md.
 mutation: $(STAMP)
 	$(PY) scripts/mutation.py $(MUTATION_ARGS)

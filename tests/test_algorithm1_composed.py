@@ -112,6 +112,23 @@ def test_reconstruct_sees_noisy_pass_at_c_noise_sigma_and_clean_pass_at_sigma_mi
         torch.testing.assert_close(c_noise, torch.full((2,), 0.25 * math.log(SIGMA_MIN)))
 
 
+def test_unet_sees_c_in_times_x0_plus_sigma_noise(model, configure, monkeypatch):
+    """The noisy input is x0 + sigma n with n standard normal, scaled by c_in = 1/sqrt(s^2+1)
+    before the UNet. Kills: the noise scaled by sigma^2 (or not at all), c_in not applied."""
+    configure(self_cond_prob=0.0, joint_training=False)
+    monkeypatch.setattr(model.config.conditioning, "cond_drop_prob", 0.0)
+    encode = Spy(monkeypatch, model, "encode_views")
+    denoise = Spy(monkeypatch, model, "denoise")
+    unet = Spy(monkeypatch, model.denoiser, "forward")
+    model.training_losses(batch(2, seed=9), generator=torch.Generator().manual_seed(9))
+    x0, noisy, sigma = encode.result(0), denoise.arg(0, 0), denoise.arg(0, 1)
+    assert (sigma.log().abs() > 0.3).all()  # far enough from 1 that sigma and sigma^2 differ
+    noise = (noisy - x0) / sigma.reshape(-1, 1, 1, 1, 1)
+    assert noise.mean().abs() < 0.2 and 0.85 < noise.std() < 1.15  # 2 x 256 samples
+    s = sigma.reshape(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(unet.arg(0, 0)[:, :, :4], noisy / torch.sqrt(s**2 + 1))
+
+
 def test_dropped_conditions_reach_the_unet_as_zeros(model, configure, monkeypatch):
     """Kills: conditioning dropout drawn but not applied (to the CLIP embedding, to the image
     latent, or to either); the masks swapped; the configured probability not used."""

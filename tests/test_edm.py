@@ -94,8 +94,14 @@ def test_lognormal_sigma_distribution():
 
 def test_denoising_loss_is_weighted_mse():
     x0 = torch.zeros(2, 3)
-    pred = torch.ones(2, 3)
+    pred = torch.full((2, 3), 2.0)  # an error of 2, not 1: squared and absolute errors differ
     s = torch.tensor([[1.0], [2.0]])
-    expected = (2.0 * 3 + 1.25 * 3) / 6
+    expected = 4.0 * (2.0 * 3 + 1.25 * 3) / 6
     assert edm.denoising_loss(pred, x0, s).item() == pytest.approx(expected)
     assert edm.broadcast_sigma(torch.ones(4), 5).shape == (4, 1, 1, 1, 1)
+
+
+def test_add_noise_is_x0_plus_sigma_times_noise():
+    x0, noise = torch.full((2, 3), 0.5), torch.tensor([[1.0, -2.0, 0.5], [0.25, 1.0, -1.0]])
+    s = torch.tensor([[0.5], [3.0]])  # not 1: sigma and sigma^2 differ
+    torch.testing.assert_close(edm.add_noise(x0, noise, s), torch.tensor([[1.0, -0.5, 0.75], [1.25, 3.5, -2.5]]))

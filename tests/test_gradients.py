@@ -134,9 +134,10 @@ def stepped():
 
 
 def test_per_pass_gradients_at_initialisation(fresh, monkeypatch):
-    """Kills: the renders fed back undetached (LGM trained by the diffusion loss), the first
-    pass's prediction not detached before LGM (the UNet trained by Eq. 2), the clean pass
-    removed, LPIPS or MSE detached, LGM's time embedding not fed c_noise."""
+    """Kills (verified, docs/testing.md): the CCM or the RGB renders fed back undetached (LGM
+    trained by the diffusion loss), the clean pass removed. Does not kill, by design: LPIPS
+    detached (the MSE still trains LGM; test_algorithm1_composed.py catches it), LGM at
+    c_noise = 0 (its time embedding still gets a gradient; the reconstruct spies catch it)."""
     grads, out = _per_pass_gradients(fresh, monkeypatch, self_cond=True, seed=7)
     _check_isolation(grads)
     zero_init = {m: {n for n, p in params if p.abs().max() == 0} for m, params in _modules(fresh).items()}

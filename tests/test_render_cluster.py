@@ -35,7 +35,10 @@ RAY = Path(sys.executable).parent / "ray"
 # not put its repository on sys.path itself (unlike training/main.py and eval/gso_benchmark.py),
 # so without it another installed copy of the project would be what runs.
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
+           RAY_USAGE_STATS_ENABLED="0",
+           # Ray >= 2.5x turns on token authentication for `ray start`; the drivers here would
+           # need the head's token. The cluster only lives for this test: opt out.
+           RAY_AUTH_MODE="disabled")  # fmt: skip
 MONITOR = """
 import sys, time, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
@@ -98,10 +101,12 @@ def ray_head():
 
 def test_render_job_on_a_ray_cluster_window_and_clean_shutdown(ray_head, tmp_path):
     address, port, temp, head = ray_head
+    monitor_log = open(tmp_path / "monitor.log", "w")
     monitor = subprocess.Popen([sys.executable, "-c", MONITOR, address], stdout=subprocess.PIPE, env=ENV,
-                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+                               stderr=monitor_log, text=True, start_new_session=True)  # fmt: skip
     try:
-        assert monitor.stdout.readline().strip() == "ready"
+        ready = monitor.stdout.readline().strip()
+        assert ready == "ready", (tmp_path / "monitor.log").read_text()[-3000:]
         out = tmp_path / "job"
         args = [sys.executable, "scripts/render_job.py", "--ray-address", address, "--source", "demo",
                 "--count", "2", "--seed", "3", "--resolution", "32", "--samples", "1", "--no-denoise",
@@ -111,6 +116,7 @@ def test_render_job_on_a_ray_cluster_window_and_clean_shutdown(ray_head, tmp_pat
     finally:
         os.killpg(monitor.pid, signal.SIGTERM)
         samples, _ = monitor.communicate(timeout=60)
+        monitor_log.close()
     free = [float(v) for v in samples.split()]
     assert free and max(free) == 2.0
     # the window: one render task at a time (each holds 1 of the 2 CPUs), and one was seen
@@ -130,7 +136,7 @@ def test_render_job_on_a_ray_cluster_window_and_clean_shutdown(ray_head, tmp_pat
     # the job disconnected and left nothing running: the cluster is up, all its CPUs free
     probe = subprocess.run([sys.executable, "-c", "import sys, ray; ray.init(address=sys.argv[1], "
                             "logging_level='ERROR'); print(ray.available_resources().get('CPU'))", address],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+                           capture_output=True, text=True, timeout=120, env=ENV)  # fmt: skip
     assert probe.returncode == 0 and probe.stdout.split()[-1] == "2.0", probe.stdout + probe.stderr[-1500:]
 
     # clean shutdown of the cluster the test started
