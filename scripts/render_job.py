@@ -7,8 +7,11 @@ It is ``python -m data_pipeline render <args>`` joining the cluster it runs on
 """
 
 import sys
+from pathlib import Path
 
-from data_pipeline.__main__ import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's data_pipeline
+
+from data_pipeline.__main__ import main  # noqa: E402
 
 if __name__ == "__main__":
     args = sys.argv[1:]
