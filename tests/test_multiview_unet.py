@@ -8,6 +8,7 @@ from model.config import preset
 from model.feedback_adapter import build_adapter
 from model.multiview_unet import MultiViewUNet
 from model.svd import build_svd_components
+from tiny_helpers import as_trained
 
 B, F, LATENT = 1, 8, 8
 
@@ -27,7 +28,8 @@ def net():
     cfg = preset("tiny")
     unet = build_svd_components(cfg).unet.eval()
     camera = CameraEmbedding(out_channels=cfg.unet["block_out_channels"][0], hidden_channels=16)
-    return MultiViewUNet(unet, camera, build_adapter(cfg), build_adapter(cfg)).eval()
+    # adapters as after training: fresh ones output zero, which would make the feedback tests void
+    return MultiViewUNet(unet, camera, as_trained(build_adapter(cfg)), as_trained(build_adapter(cfg))).eval()
 
 
 @torch.no_grad()

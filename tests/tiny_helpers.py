@@ -28,10 +28,17 @@ def tiny_model(seed: int = 0, **overrides):
     model = Ouroboros3D.from_config(preset("tiny", **{**SMALL, **overrides}))
     for adapter in (model.denoiser.ccm_adapter, model.denoiser.rgb_adapter):
         if adapter is not None:
-            for module in adapter.modules():
-                if isinstance(module, torch.nn.Conv2d):
-                    module.reset_parameters()
+            as_trained(adapter)
     return model
+
+
+def as_trained(adapter):
+    """A feedback adapter with every convolution randomly re-initialised (PyTorch's default),
+    instead of the zero output a fresh one has (model/feedback_adapter.py)."""
+    for module in adapter.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.reset_parameters()
+    return adapter
 
 
 def cameras(batch: int = 1, elevation: float = 10.0):
