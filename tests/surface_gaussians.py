@@ -18,7 +18,7 @@ from plyfile import PlyData, PlyElement
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path("/work/shared/assets")  # as tests/raycast_oracle.py
 SH_C0 = 0.28209479177387814
 
 

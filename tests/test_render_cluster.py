@@ -41,7 +41,13 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.en
            RAY_AUTH_MODE="disabled")  # fmt: skip
 MONITOR = """
 import sys, time, ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+for attempt in range(60):  # the head's port opens before its node is ready: retry for a minute
+    try:
+        ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+        break
+    except Exception as err:
+        print(f"attempt {attempt}: {err}", file=sys.stderr, flush=True)
+        time.sleep(1.0)
 print("ready", flush=True)
 while True:
     print(ray.available_resources().get("CPU", 0.0), flush=True)
