@@ -40,11 +40,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from data_pipeline.atomic import atomic_dir, atomic_path, atomic_write_text  # noqa: E402
 from training.loader import LoaderConfig, StreamingLoader  # noqa: E402
-from training.logging_utils import visual_grid  # noqa: E402
+from training.logging_utils import TrainLogger  # noqa: E402
 
 log = logging.getLogger("training.autoencoder")
 
@@ -172,8 +171,6 @@ def save_svd_folder(vae: AutoencoderKLTemporalDecoder, preset: str, out: Path, s
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from torch.utils.tensorboard import SummaryWriter
-
     from model.config import preset as model_preset
 
     cfg = model_preset(args.preset)
@@ -199,14 +196,9 @@ def main(argv=None) -> int:
     if step >= args.steps and (out / "autoencoder.json").is_file() and (out / SVD_DIR / "vae").is_dir():
         log.info("%s: already trained for %d steps; nothing to do", out, step)
         return 0
-    lines = [ln for ln in (out / "losses.jsonl").read_text().splitlines()
-             if ln and json.loads(ln)["step"] <= step] if (out / "losses.jsonl").exists() else []  # fmt: skip
-    atomic_write_text(out / "losses.jsonl", "".join(ln + "\n" for ln in lines))
-    writer = SummaryWriter(str(out / "tb"), purge_step=step + 1)
+    logger = TrainLogger(out, rank=0, start_step=step, max_steps=args.steps)  # jsonl, tb, bar
     vae.train()
     batches = iter(loader)
-    bar = tqdm(total=args.steps, initial=step, desc="autoencoder", unit="step", dynamic_ncols=True)
-    last = None
     while step < args.steps:
         images = next(batches)["images"]
         for group in optimizer.param_groups:
@@ -219,23 +211,17 @@ def main(argv=None) -> int:
         optimizer.step()
         step += 1
         record = {k: float(v) for k, v in terms.items() if k != "recon"}
-        record.update(step=step, psnr=psnr_signed(terms["recon"], images), lr=optimizer.param_groups[0]["lr"])
-        with (out / "losses.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        bar.update(1)
-        bar.set_postfix(l1=f"{record['l1']:.4f}", psnr=f"{record['psnr']:.1f}")
-        last = (images, terms["recon"])
+        record.update(psnr=psnr_signed(terms["recon"], images), lr=optimizer.param_groups[0]["lr"])
+        logger.step(step, record)
         if step % args.log_every == 0 or step == args.steps:
-            for k in ("loss", "l1", "mse", "kl", "lpips", "psnr", "lr"):
-                writer.add_scalar(f"autoencoder/{k}", record[k], step)
-            writer.add_image("autoencoder/roundtrip", visual_grid(torch.cat([images[:1], terms["recon"][:1]], 1)), step)
+            logger.scalars(step, {f"autoencoder/{k}": v for k, v in record.items()})
+            logger.images(step, {"roundtrip": torch.cat([images[:1], terms["recon"][:1]], 1)})
         if step % args.checkpoint_every == 0 or step == args.steps:
             with atomic_path(ckpt) as tmp:
                 torch.save(dict(vae=vae.state_dict(), optimizer=optimizer.state_dict(),
                                 loader=loader.state_dict(), torch_rng=torch.get_rng_state(),
                                 step=step, args=vars(args) | {"output": str(out)}), tmp)  # fmt: skip
-    bar.close()
-    writer.close()
+    logger.close()
 
     vae.eval()
     scale_batches = [next(batches)["images"] for _ in range(args.scale_batches)]
