@@ -198,7 +198,7 @@ class Ouroboros3D(nn.Module):
         """Training targets x_0: VAE latents (sampled, times the scaling factor), encoded in
         float32 when the VAE's config has ``force_upcast`` (``model.svd.vae_encoding``).
 
-        images [B, F, 3, H, W] in [-1, 1] -> [B, F, 4, H/8, W/8] float32
+        images [B, F, 3, H, W] in [-1, 1] -> [B, F, C_latent, H/8, W/8] float32
         """
         with vae_encoding(self.vae):
             dist = self.vae.encode(images.flatten(0, 1).to(self.vae.dtype)).latent_dist
@@ -442,7 +442,8 @@ class Ouroboros3D(nn.Module):
         plucker = latent_plucker_rays(c2w, K, H, self.latent_size)
         sigmas = edm.karras_sigmas(num_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho).to(device)
         h = self.latent_size
-        x = randn_tensor((B, V, 4, h, h), generator=generator, device=device, dtype=torch.float32)
+        shape = (B, V, self.vae.config.latent_channels, h, h)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         x = x * edm.initial_noise_scale(cfg.edm.sigma_max)
         feedback = self.feedback_maps(None, x)
         feeds_back = use_feedback and self.denoiser.has_feedback
