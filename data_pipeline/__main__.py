@@ -68,6 +68,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     render.add_argument("--gpus-per-task", type=float, default=0.0)
     render.add_argument("--max-in-flight", type=int,
                         help="tasks submitted at once (default: 2 x CPUs/GPUs locally, 1024 on a cluster)")
+    render.add_argument("--worker-mode", choices=("persistent", "per-object"), default="persistent",
+                        help="persistent: Ray actors that keep one Blender process alive across "
+                             "objects (default); per-object: a Ray task and a Blender process per object")
+    render.add_argument("--actors", type=int,
+                        help="persistent actors (default: one per local CPU, or GPU share of "
+                             "--gpus-per-task; 64 on a cluster)")
+    render.add_argument("--objects-per-worker", type=int, default=100,
+                        help="a persistent Blender process is replaced after this many objects")
+    render.add_argument("--worker-recycle-gb", type=float, default=4.0,
+                        help="... or when its resident memory after an object exceeds this")
     render.add_argument("--per-shard", type=int, default=64, help="samples (orbits) per shard")
     render.add_argument("--max-retries", type=int, default=2, help="re-runs retry failed objects this often")
     render.add_argument("--no-contact-sheet", action="store_true")
@@ -113,7 +123,9 @@ def command_render(args) -> int:
     config = JobConfig(output=args.output, settings=settings, workers=args.workers,
                        ray_address=args.ray_address, per_shard=args.per_shard,
                        max_retries=args.max_retries, gpus_per_task=args.gpus_per_task,
-                       max_in_flight=args.max_in_flight, contact_sheet=not args.no_contact_sheet)
+                       max_in_flight=args.max_in_flight, contact_sheet=not args.no_contact_sheet,
+                       worker_mode=args.worker_mode, actors=args.actors,
+                       objects_per_worker=args.objects_per_worker, recycle_rss_gb=args.worker_recycle_gb)
     summary = run_job(records, config, filtered)
     print(summary)
     print(f"shards and manifest: {args.output}")

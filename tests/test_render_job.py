@@ -180,7 +180,7 @@ def test_objaverse_job_downloads_in_the_workers_and_records_filtered_objects(obj
 
 
 def test_render_task_records_objects_it_cannot_fetch(objaverse_cache):
-    from data_pipeline.job import render_task
+    from data_pipeline.render_workers import render_task
     from data_pipeline.render import RenderSettings
     from data_pipeline.sources import ObjectRecord
 
