@@ -20,8 +20,9 @@ normalised object frame). The worker writes into ``output_dir``, each file atomi
 * or ``error.json`` (``reason``, ``message``) when the input cannot be rendered.
 
 Every job starts from the same state, whatever the process rendered before
-(:func:`reset_blender`: factory settings, orphan data purged, BlenderProc's global storage
-emptied), so a frame does not depend on the objects rendered before it.
+(:func:`reset_blender` before the first job and after each: factory settings, orphan data
+purged, BlenderProc's global storage emptied), so a frame does not depend on the objects
+rendered before it.
 
 Blender is driven through BlenderProc's API on the pip ``bpy`` module. ``bproc.init()`` fails on
 that module (it sets a UI language the module lacks), so :func:`init_blenderproc` performs its
@@ -337,7 +338,6 @@ def render_pass(samples: int, filter_width: float, denoise: bool, device: str) -
 def render_job(job: dict) -> tuple[dict, dict]:
     """Run one job. Returns (arrays for render.npz, metadata for result.json)."""
     mesh_path = Path(job["mesh_path"])
-    reset_blender()
     init_blenderproc(Path(job["output_dir"]) / "blender_tmp")
     device = select_device(job["device"])
     setup_scene(job["resolution"], job["fov_deg"], job["samples"])
@@ -403,13 +403,19 @@ def run(job_path: str) -> int:
 
 
 def serve(reply_fd: int) -> None:
-    """Run the jobs named on stdin until end of input, one reply line per job on ``reply_fd``."""
+    """Run the jobs named on stdin until end of input, one reply line per job on ``reply_fd``.
+
+    Blender is reset before the first job and after every reply: each job starts from the same
+    state, and the reset overlaps with the parent's work on the output it was just told of.
+    """
+    reset_blender()
     with os.fdopen(reply_fd, "w", buffering=1) as reply:
         for line in sys.stdin:
             code = run(line.strip())
             sys.stdout.flush()
             sys.stderr.flush()
             reply.write(json.dumps({"code": code}) + "\n")
+            reset_blender()
 
 
 def die_with_parent() -> None:
