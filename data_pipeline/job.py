@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.contact_sheet import write_contact_sheet
+from data_pipeline.conventions import key_uid
 from data_pipeline.manifest import (
     ManifestRow,
     merge_records,
@@ -107,7 +108,7 @@ def shard_uids(path: Path) -> set[str]:
     """uids whose samples a finished shard holds (from member names ``<uid>_o<k>.*``)."""
     with tarfile.open(path) as tar:
         keys = {name.split(".", 1)[0] for name in tar.getnames()}
-    return {key.rsplit("_o", 1)[0] for key in keys}
+    return {key_uid(key) for key in keys}
 
 
 def reconcile_shards(rows: dict[str, ManifestRow], output: Path) -> None:
