@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOG_TAIL_CHARS = 2000
-CLOSE_WAIT_S = 30.0
 
 
 @dataclass
@@ -119,24 +118,18 @@ class BlenderProcess:
             log.seek(offset)
             return log.read().decode(errors="replace")[-LOG_TAIL_CHARS:]
 
-    def _end(self, kill: bool) -> int | None:
-        """Stop the worker (gracefully: end of its input; else SIGKILL to its process group),
+    def _end(self) -> int | None:
+        """Kill the worker's process group (SIGKILL: its outputs are complete and atomically
+        written once it has replied, and a graceful exit would first reset Blender for nothing),
         release its pipes, log and folder. Returns its exit code (None if none was running)."""
         proc, self._proc = self._proc, None
         code = None
         if proc is not None:
-            if not kill:
-                try:
-                    proc.stdin.close()
-                    code = proc.wait(timeout=CLOSE_WAIT_S)
-                except (OSError, subprocess.TimeoutExpired):
-                    kill = True
-            if kill:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                code = proc.wait()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            code = proc.wait()
             for handle in (proc.stdin, self._reply, self._log):
                 try:
                     handle.close()
@@ -149,7 +142,7 @@ class BlenderProcess:
 
     def close(self) -> None:
         """End the running worker, if any."""
-        self._end(kill=False)
+        self._end()
 
     def __enter__(self) -> "BlenderProcess":
         return self
@@ -162,7 +155,7 @@ class BlenderProcess:
         """Run one job file (a fresh process if none is running, or the last one died or was
         recycled) and wait at most ``timeout_s`` seconds (process start included)."""
         if self._proc is not None and self._proc.poll() is not None:
-            self._end(kill=True)  # died while idle: not this job's doing
+            self._end()  # died while idle: not this job's doing
         if self._proc is None:
             self._start()
         self._log.flush()
@@ -176,7 +169,7 @@ class BlenderProcess:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not select.select([self._reply], [], [], remaining)[0]:
                     tail = self._log_tail(offset)
-                    self._end(kill=True)
+                    self._end()
                     return JobOutcome(None, timed_out=True, log_tail=tail)
                 line = self._reply.readline()
                 if not line:  # end of file: the process is gone
@@ -185,7 +178,7 @@ class BlenderProcess:
             line = ""
         if not line:
             tail = self._log_tail(offset)
-            exit_code = self._end(kill=True)
+            exit_code = self._end()
             return JobOutcome(None, exit_code=exit_code, log_tail=tail)
         self.jobs_done += 1
         outcome = JobOutcome(json.loads(line)["code"])

@@ -20,9 +20,8 @@ normalised object frame). The worker writes into ``output_dir``, each file atomi
 * or ``error.json`` (``reason``, ``message``) when the input cannot be rendered.
 
 Every job starts from the same state, whatever the process rendered before
-(:func:`reset_blender` before the first job and after each: factory settings, orphan data
-purged, BlenderProc's global storage emptied), so a frame does not depend on the objects
-rendered before it.
+(:func:`reset_blender` after each: factory settings, orphan data purged, BlenderProc's global
+storage emptied), so a frame does not depend on the objects rendered before it.
 
 Blender is driven through BlenderProc's API on the pip ``bpy`` module. ``bproc.init()`` fails on
 that module (it sets a UI language the module lacks), so :func:`init_blenderproc` performs its
@@ -405,10 +404,10 @@ def run(job_path: str) -> int:
 def serve(reply_fd: int) -> None:
     """Run the jobs named on stdin until end of input, one reply line per job on ``reply_fd``.
 
-    Blender is reset before the first job and after every reply: each job starts from the same
-    state, and the reset overlaps with the parent's work on the output it was just told of.
+    Blender is reset after every reply: each job starts from the state of a fresh process
+    (factory settings), and the reset overlaps with the parent's work on the output it was
+    just told of.
     """
-    reset_blender()
     with os.fdopen(reply_fd, "w", buffering=1) as reply:
         for line in sys.stdin:
             code = run(line.strip())
