@@ -225,7 +225,8 @@ def run_job(records: list[ObjectRecord], config: JobConfig,
         shards=len(list_shards(output)),
     )
     atomic_write_text(output / SUMMARY_NAME,
-                      json.dumps({**asdict(summary), "settings": asdict(config.settings)}, indent=2))
+                      json.dumps({**asdict(summary), "settings": asdict(config.settings),
+                                  "worker_mode": config.worker_mode}, indent=2))
     if config.contact_sheet:
         done_shards = sorted({row.shard for row in rows.values() if row.status == "done"})
         write_contact_sheet([output / s for s in done_shards], output / CONTACT_SHEET_NAME)
