@@ -83,10 +83,9 @@ class RenderActor:
     def render(self, record: ObjectRecord) -> TaskResult:
         return render_task(record, self.settings, self.worker)
 
-    def close(self) -> int:
-        """End the Blender process; returns how many processes this actor started."""
+    def close(self) -> None:
+        """End the Blender process (and remove its folder)."""
         self.worker.close()
-        return self.worker.processes_started
 
 
 class TaskPool:
