@@ -74,7 +74,7 @@ class BlenderProcess:
     @property
     def warm(self) -> bool:
         """True when the running process has already rendered objects (its state could leak)."""
-        return self._proc is not None and self.jobs_done > 0
+        return self._proc is not None and self._proc.poll() is None and self.jobs_done > 0
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the running worker (Linux ``/proc``), or None."""
