@@ -1,12 +1,22 @@
-"""Rendering throughput: seconds per frame and objects per hour for 2 orbits x 16 frames + CCM.
+"""Rendering throughput of both worker kinds, side by side in one run: fixed cost per object,
+cost per frame and objects per hour for 2 orbits x 16 frames + CCM.
 
-    python bench/bench_render.py [--mesh /work/shared/assets/Duck.glb] [--resolutions 128 512]
-                                 [--samples 32] [--device auto] [--no-denoise] [--frames 16]
+    python bench/bench_render.py [--mesh /work/shared/assets/Duck.glb] [--resolutions 64 128]
+        [--samples 32] [--device auto] [--no-denoise] [--frames-per-orbit 1 2 4]
+        [--repeats 5] [--full-repeats 2] [--modes persistent per-object]
 
-For each resolution it times ``render_object`` twice: 2 orbits x ``--frames`` frames (16: the
-real job) and a one-frame job; the difference gives the cost per frame, the one-frame job the
-fixed cost per object (worker start, Blender start, import, scene set-up). Seconds per object
-are for 2 x 16 frames: measured when ``--frames 16``, else fixed + 32 x per-frame cost.
+For each resolution, ``render_object`` renders the mesh with 2 orbits of each of
+``--frames-per-orbit`` frames, ``--repeats`` times, the two worker kinds interleaved (so that a
+change in the machine's load hits both alike): ``per-object`` starts a Blender process per object
+(the ``--worker-mode per-object`` job), ``persistent`` renders in one
+:class:`~data_pipeline.blender_process.BlenderProcess` kept alive (started and warmed up by one
+render before timing, as in the job's actors). The line through the medians of time against
+frame count gives the cost per frame (slope) and the fixed cost per object (intercept: process,
+Blender and BlenderProc start-up where there is one, reset, import, scene set-up, the two render
+passes' own start, the parent's work). Wall seconds and CPU seconds (this process, its finished
+children and the live persistent worker, from /proc) are both reported: CPU time is the steadier
+figure on a loaded machine. Whole objects (16 frames per orbit) are then timed ``--full-repeats``
+times per kind: their median gives seconds per object and objects per hour for one worker.
 """
 
 from __future__ import annotations
@@ -15,53 +25,117 @@ import argparse
 import os
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
+from data_pipeline.blender_process import BlenderProcess
+from data_pipeline.conventions import NUM_FRAMES, NUM_ORBITS
 from data_pipeline.render import RenderSettings, render_object
 
 DEFAULT_MESH = Path("/work/shared/assets/Duck.glb")
+MODES = ("persistent", "per-object")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def timed_render(mesh: Path, settings: RenderSettings) -> tuple[float, float, str]:
-    """(wall seconds, CPU seconds of the worker process, device used)."""
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def process_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of a live process (0 when there is none)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process and of its children that have ended."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def timed_render(mesh: Path, settings: RenderSettings, worker: BlenderProcess | None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one ``render_object`` call."""
+    pid = worker.pid if worker else None
+    cpu, worker_cpu = own_cpu(), process_cpu(pid)
     start = time.perf_counter()
-    orbits = render_object(mesh, "bench", settings)
+    render_object(mesh, "bench", settings, worker=worker)
     wall = time.perf_counter() - start
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    return wall, cpu, orbits[0].meta["renderer"]["device"]
+    if worker is not None and worker.pid != pid:
+        raise RuntimeError("the persistent worker was replaced during the benchmark")
+    return wall, own_cpu() - cpu + process_cpu(pid) - worker_cpu
+
+
+def fit(points: dict[int, list[tuple[float, float]]]) -> dict:
+    """Line through the medians of (wall, CPU) against frames per object."""
+    frames = np.array(sorted(points), dtype=float)
+    out = {}
+    for i, name in enumerate(("wall", "cpu")):
+        medians = np.array([statistics.median(p[i] for p in points[f]) for f in sorted(points)])
+        slope, intercept = np.polyfit(frames, medians, 1)
+        out[name] = (intercept, slope)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mesh", type=Path, default=DEFAULT_MESH)
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-denoise", action="store_true")
-    parser.add_argument("--frames", type=int, default=16, help="frames per orbit to time")
+    parser.add_argument("--frames-per-orbit", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--full-repeats", type=int, default=2, help="whole objects timed per kind")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = parser.parse_args()
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}; mesh {args.mesh.name}, samples {args.samples}, "
-          f"denoise {not args.no_denoise}")
-    print("| resolution | device | s / object (32 frames) | fixed s / object | s / frame "
-          "| objects / hour | CPU s / frame |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average at start "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; mesh {args.mesh.name}, "
+          f"samples {args.samples}, denoise {not args.no_denoise}, repeats {args.repeats}", flush=True)
+    rows = []
     for res in args.resolutions:
         common = dict(resolution=res, samples=args.samples, device=args.device,
                       denoise=not args.no_denoise, timeout_s=3600)
-        frames = tuple(range(args.frames))
-        full, full_cpu, device = timed_render(args.mesh, RenderSettings(frames=frames, **common))
-        single, single_cpu, _ = timed_render(args.mesh, RenderSettings(num_orbits=1, frames=(0,), **common))
-        per_frame = (full - single) / (2 * args.frames - 1)
-        cpu_per_frame = (full_cpu - single_cpu) / (2 * args.frames - 1)
-        fixed = single - per_frame
-        per_object = fixed + 32 * per_frame
-        print(f"| {res} | {device} | {per_object:.1f} | {fixed:.1f} | {per_frame:.2f} "
-              f"| {3600 / per_object:.0f} | {cpu_per_frame:.2f} |", flush=True)
+        persistent = BlenderProcess(RenderSettings().memory_limit_gb, max_objects=10**9)
+        workers = {"persistent": persistent, "per-object": None}
+        render_object(args.mesh, "bench", RenderSettings(frames=(0,), **common), worker=persistent)  # warm-up
+        points = {mode: {} for mode in args.modes}
+        for _ in range(args.repeats):
+            for f in args.frames_per_orbit:
+                settings = RenderSettings(frames=tuple(range(f)), **common)
+                for mode in args.modes:
+                    points[mode].setdefault(NUM_ORBITS * f, []).append(
+                        timed_render(args.mesh, settings, workers[mode]))
+        full = {mode: [timed_render(args.mesh, RenderSettings(**common), workers[mode])
+                       for _ in range(args.full_repeats)] for mode in args.modes}
+        persistent.close()
+        for mode in args.modes:
+            line = fit(points[mode])
+            wall_object = statistics.median(w for w, _ in full[mode])
+            cpu_object = statistics.median(c for _, c in full[mode])
+            rows.append((res, mode, line, wall_object, cpu_object))
+            print(f"  {res} px {mode}: medians by frames "
+                  + ", ".join(f"{n}: {statistics.median(w for w, _ in p):.2f} s / "
+                              f"{statistics.median(c for _, c in p):.2f} CPU-s"
+                              for n, p in sorted(points[mode].items())), flush=True)
+
+    print(f"load average at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("| resolution | worker | fixed s / object | fixed CPU-s / object | s / frame | CPU-s / frame "
+          f"| s / object ({NUM_ORBITS} x {NUM_FRAMES} frames, median) | CPU-s / object | objects / hour |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for res, mode, line, wall_object, cpu_object in rows:
+        print(f"| {res} | {mode} | {line['wall'][0]:.2f} | {line['cpu'][0]:.2f} | {line['wall'][1]:.3f} "
+              f"| {line['cpu'][1]:.3f} | {wall_object:.1f} | {cpu_object:.1f} | {3600 / wall_object:.0f} |")
+    by = {(res, mode): (line, wall) for res, mode, line, wall, _ in rows}
+    for res in args.resolutions:
+        if (res, "persistent") in by and (res, "per-object") in by:
+            (p, pw), (o, ow) = by[res, "persistent"], by[res, "per-object"]
+            print(f"{res} px, persistent / per-object: fixed wall {p['wall'][0] / o['wall'][0]:.2f}, "
+                  f"fixed CPU {p['cpu'][0] / o['cpu'][0]:.2f}, s / object {pw / ow:.2f}")
 
 
 if __name__ == "__main__":

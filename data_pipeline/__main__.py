@@ -2,9 +2,9 @@
 
     python -m data_pipeline render --input <dir> --output <dir> --resolution 128
     python -m data_pipeline render --source demo --count 12 --output <dir> --resolution 128
-    python -m data_pipeline render --source objaverse --objaverse-list lgm.csv --limit 1000 \\
-        --output <dir> --ray-address auto --gpus-per-task 1
-    python -m data_pipeline filter --output <dir> [--objaverse-list lgm.csv]
+    python -m data_pipeline render --source objaverse --limit 1000 --output <dir>   # LGM's 80K list
+    python -m data_pipeline render --source objaverse --output <dir> --ray-address auto --gpus-per-task 0.5
+    python -m data_pipeline filter --output <dir> [--objaverse-list lgm]   # the rules, against LGM's list
 """
 
 from __future__ import annotations
@@ -18,10 +18,26 @@ from data_pipeline import objaverse_filter
 from data_pipeline.atomic import atomic_path
 
 
-def _add_filter_args(parser: argparse.ArgumentParser) -> None:
+NO_LIST = "none"
+
+
+def _keep_list(value: str) -> Path | str:
+    """``--objaverse-list``: a CSV file, ``lgm`` (the shipped list) or ``none``."""
+    if value == "lgm":
+        return objaverse_filter.LGM_LIST
+    if value == NO_LIST:
+        return NO_LIST
+    if not Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"{value}: no such keep list (a CSV file, 'lgm' or 'none')")
+    return Path(value)
+
+
+def _add_filter_args(parser: argparse.ArgumentParser, default_list: str) -> None:
     group = parser.add_argument_group("objaverse selection and filter")
-    group.add_argument("--objaverse-list", type=Path, help="published keep list, CSV rows glb-group,uid")
-    group.add_argument("--uids", nargs="+", help="only these Objaverse uids")
+    group.add_argument("--objaverse-list", type=_keep_list,
+                       help="keep list, CSV rows glb-group,uid; 'lgm': LGM's 82,575 objects (shipped, "
+                            f"data_pipeline/objaverse_lists); 'none': no list (default: {default_list})")
+    group.add_argument("--uids", nargs="+", help="only these Objaverse uids (render: no default list then)")
     group.add_argument("--lvis", nargs="+", metavar="CATEGORY", help="only these LVIS categories")
     group.add_argument("--captions", type=Path, help="CSV uid,caption checked for bad words")
     group.add_argument("--limit", type=int, help="at most this many objects after filtering")
@@ -29,6 +45,9 @@ def _add_filter_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-faces", type=int, default=objaverse_filter.FilterRules.max_faces)
     group.add_argument("--max-mb", type=float, default=objaverse_filter.FilterRules.max_bytes / 2**20)
     group.add_argument("--allow-untextured", action="store_true", help="keep objects without textures")
+    group.add_argument("--apply-rules", action="store_true",
+                       help="render: apply the annotation rules on top of the keep list (without a "
+                            "list, or with --uids, the rules always apply)")
 
 
 def _rules(args) -> objaverse_filter.FilterRules:
@@ -38,11 +57,12 @@ def _rules(args) -> objaverse_filter.FilterRules:
     )
 
 
-def _objaverse(args):
+def _objaverse(args, apply_rules: bool):
     from data_pipeline.sources import objaverse_objects
 
     return objaverse_objects(uids=args.uids, lvis_categories=args.lvis, keep_list=args.objaverse_list,
-                             rules=_rules(args), captions=args.captions, limit=args.limit)
+                             rules=_rules(args), captions=args.captions, limit=args.limit,
+                             apply_rules=apply_rules)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,14 +88,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     render.add_argument("--gpus-per-task", type=float, default=0.0)
     render.add_argument("--max-in-flight", type=int,
                         help="tasks submitted at once (default: 2 x CPUs/GPUs locally, 1024 on a cluster)")
+    render.add_argument("--worker-mode", choices=("persistent", "per-object"), default="persistent",
+                        help="persistent: Ray actors that keep one Blender process alive across "
+                             "objects (default); per-object: a Ray task and a Blender process per object")
+    render.add_argument("--actors", type=int,
+                        help="persistent actors (default: one per local CPU, or GPU share of "
+                             "--gpus-per-task; 64 on a cluster)")
+    render.add_argument("--objects-per-worker", type=int, default=100,
+                        help="a persistent Blender process is replaced after this many objects")
+    render.add_argument("--worker-recycle-gb", type=float, default=4.0,
+                        help="... or when its resident memory after an object exceeds this")
     render.add_argument("--per-shard", type=int, default=64, help="samples (orbits) per shard")
     render.add_argument("--max-retries", type=int, default=2, help="re-runs retry failed objects this often")
     render.add_argument("--no-contact-sheet", action="store_true")
-    _add_filter_args(render)
+    _add_filter_args(render, default_list="lgm")
 
-    filt = commands.add_parser("filter", help="filter Objaverse, write the keep list and summary")
+    filt = commands.add_parser("filter", help="filter Objaverse by the annotation rules (and a keep list), "
+                                              "write the kept objects and the summary")
     filt.add_argument("--output", type=Path, required=True)
-    _add_filter_args(filt)
+    _add_filter_args(filt, default_list="none")
 
     args = parser.parse_args(argv)
     if args.command == "render":
@@ -86,6 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                 parser.error(f"--input {args.input}: not a folder")
         elif args.source == "local":
             parser.error("--source local needs --input <folder of meshes>")
+    if args.objaverse_list is None:  # not given: render takes LGM's list unless --uids choose
+        args.objaverse_list = objaverse_filter.LGM_LIST if args.command == "render" and not args.uids else None
+    elif args.objaverse_list == NO_LIST:
+        args.objaverse_list = None
     return args
 
 
@@ -100,7 +135,9 @@ def command_render(args) -> int:
     elif args.source == "demo":
         records = demo_objects(args.count, args.output / "demo_objects", seed=args.seed)
     else:
-        records, filtered, summary = _objaverse(args)
+        # the keep list decides; rules on top only when asked (or when there is no list)
+        apply_rules = args.apply_rules or args.objaverse_list is None
+        records, filtered, summary = _objaverse(args, apply_rules)
         print(summary)
         args.output.mkdir(parents=True, exist_ok=True)
         summary.save(args.output / "filter_summary.json")
@@ -113,7 +150,9 @@ def command_render(args) -> int:
     config = JobConfig(output=args.output, settings=settings, workers=args.workers,
                        ray_address=args.ray_address, per_shard=args.per_shard,
                        max_retries=args.max_retries, gpus_per_task=args.gpus_per_task,
-                       max_in_flight=args.max_in_flight, contact_sheet=not args.no_contact_sheet)
+                       max_in_flight=args.max_in_flight, contact_sheet=not args.no_contact_sheet,
+                       worker_mode=args.worker_mode, actors=args.actors,
+                       objects_per_worker=args.objects_per_worker, recycle_rss_gb=args.worker_recycle_gb)
     summary = run_job(records, config, filtered)
     print(summary)
     print(f"shards and manifest: {args.output}")
@@ -121,7 +160,7 @@ def command_render(args) -> int:
 
 
 def command_filter(args) -> int:
-    records, _, summary = _objaverse(args)
+    records, _, summary = _objaverse(args, apply_rules=True)
     print(summary)
     args.output.mkdir(parents=True, exist_ok=True)
     summary.save(args.output / "filter_summary.json")

@@ -1,8 +1,13 @@
-"""Blender worker: renders one mesh from given cameras (RGBA + z-depth). Runs in its own process.
+"""Blender worker: renders meshes from given cameras (RGBA + z-depth), one job after another.
+Runs in its own process, kept alive across objects by its parent.
 
-Usage (the parent, :mod:`data_pipeline.render`, is the only caller)::
+Usage (the parent, :mod:`data_pipeline.blender_process`, is the only caller)::
 
-    python -m data_pipeline.blender_worker <job.json>
+    python -m data_pipeline.blender_worker <reply-fd>
+
+The worker reads job files from stdin, one path per line, until end of input. After each job
+it writes one line to the file descriptor ``reply-fd`` (a pipe its parent passed), the JSON
+``{"code": <exit code of the job>}``; its own stdout and stderr are Blender's log.
 
 ``job.json`` holds ``mesh_path``, ``output_dir``, ``resolution``, ``samples``, ``fov_deg``,
 ``device``, ``denoise``, ``obj_up_axis`` and ``c2w`` (a list of 4x4 OpenCV camera-to-world matrices, in the
@@ -13,6 +18,10 @@ normalised object frame). The worker writes into ``output_dir``, each file atomi
 * ``result.json``: normalisation (scale, offset, ``source_to_world``), mesh statistics,
   warnings (e.g. missing textures), the Blender version and the render device used;
 * or ``error.json`` (``reason``, ``message``) when the input cannot be rendered.
+
+Every job starts from the same state, whatever the process rendered before
+(:func:`reset_blender` after each: factory settings, orphan data purged, BlenderProc's global
+storage emptied), so a frame does not depend on the objects rendered before it.
 
 Blender is driven through BlenderProc's API on the pip ``bpy`` module. ``bproc.init()`` fails on
 that module (it sets a UI language the module lacks), so :func:`init_blenderproc` performs its
@@ -89,6 +98,15 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 # ----------------------------------------------------------------------------- setup
+def reset_blender() -> None:
+    """Back to the state of a fresh process: factory settings with an empty scene (every data
+    block, the scene's settings, compositor nodes and preferences), orphan data purged, and
+    BlenderProc's global storage (registered outputs, "enabled" flags) emptied."""
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy.data.orphans_purge(do_local_ids=True, do_linked_ids=True, do_recursive=True)
+    GlobalStorage._storage_dict.clear()  # BlenderProc has no public reset of its module state
+
+
 def init_blenderproc(temp_dir: Path) -> None:
     """``bproc.init()`` without its UI-language step (absent from the pip ``bpy`` module).
 
@@ -362,7 +380,8 @@ def render_job(job: dict) -> tuple[dict, dict]:
     return {"rgba": rgba, "depth": depth}, meta
 
 
-def main(job_path: str) -> int:
+def run(job_path: str) -> int:
+    """Render one job file; returns 0 (render.npz + result.json written) or 2/3 (error.json)."""
     job = json.loads(Path(job_path).read_text())
     out = Path(job["output_dir"])
     try:
@@ -382,6 +401,22 @@ def main(job_path: str) -> int:
     return 0
 
 
+def serve(reply_fd: int) -> None:
+    """Run the jobs named on stdin until end of input, one reply line per job on ``reply_fd``.
+
+    Blender is reset after every reply: each job starts from the state of a fresh process
+    (factory settings), and the reset overlaps with the parent's work on the output it was
+    just told of.
+    """
+    with os.fdopen(reply_fd, "w", buffering=1) as reply:
+        for line in sys.stdin:
+            code = run(line.strip())
+            sys.stdout.flush()
+            sys.stderr.flush()
+            reply.write(json.dumps({"code": code}) + "\n")
+            reset_blender()
+
+
 def die_with_parent() -> None:
     """Linux: receive SIGKILL when the parent dies, so a killed job leaves no orphan render.
 
@@ -396,7 +431,7 @@ def die_with_parent() -> None:
 
 if __name__ == "__main__":
     die_with_parent()
-    code = main(sys.argv[1])
+    serve(int(sys.argv[1]))
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(0)

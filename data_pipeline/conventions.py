@@ -279,6 +279,14 @@ def sample_key(uid: str, orbit_index: int) -> str:
     return f"{uid}_o{orbit_index}"
 
 
+def key_uid(key: str) -> str:
+    """The uid of a sample key ``<uid>_o<k>`` (inverse of :func:`sample_key`)."""
+    uid, sep, orbit = key.rpartition("_o")
+    if not sep or not orbit.isdigit():
+        raise ValueError(f"{key!r} is not a sample key <uid>_o<k>")
+    return uid
+
+
 def frame_member(key: str, frame: int, kind: str) -> str:
     """Shard member name of one frame, kind ``rgba`` or ``ccm``: ``<key>.<ii>.<kind>.png``."""
     if kind not in ("rgba", "ccm"):

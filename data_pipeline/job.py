@@ -1,5 +1,6 @@
-"""The render job: objects -> Ray tasks (one per object, Blender in its own process) -> shards
-written by the driver as results arrive -> manifest.
+"""The render job: objects -> Ray (persistent Blender actors, or one task and Blender process
+per object: :mod:`data_pipeline.render_workers`) -> shards written by the driver as results
+arrive -> manifest.
 
 Durability: a shard is renamed to its final name only when complete, and only then does the
 manifest mark its objects ``done`` (the manifest file is rewritten soon after, see
@@ -12,7 +13,6 @@ are simply rendered again.
 from __future__ import annotations
 
 import json
-import os
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from data_pipeline.atomic import atomic_write_text
 from data_pipeline.contact_sheet import write_contact_sheet
+from data_pipeline.conventions import key_uid
 from data_pipeline.manifest import (
     ManifestRow,
     merge_records,
@@ -29,9 +30,10 @@ from data_pipeline.manifest import (
     status_counts,
     write_manifest,
 )
-from data_pipeline.render import RenderError, RenderSettings, render_object
-from data_pipeline.shards import ShardWriter, encode_object, list_shards
-from data_pipeline.sources import ObjectRecord, file_sha256, resolve_path
+from data_pipeline.render import RenderSettings
+from data_pipeline.render_workers import WORKER_MODES, ActorPool, TaskPool, TaskResult
+from data_pipeline.shards import ShardWriter, list_shards
+from data_pipeline.sources import ObjectRecord
 
 MANIFEST_NAME = "manifest.parquet"
 CONTACT_SHEET_NAME = "contact_sheet.png"
@@ -43,12 +45,18 @@ SUMMARY_NAME = "job_summary.json"
 MANIFEST_FLUSH_S = 10.0
 MANIFEST_WRITE_RATIO = 10.0
 CLUSTER_IN_FLIGHT = 1024
+# Persistent actors on a cluster when --actors is not given: infra/render.yaml's 32 GPU nodes,
+# two actors per GPU (--gpus-per-task 0.5), so that one imports while the other renders.
+CLUSTER_ACTORS = 64
 
 
 @dataclass
 class JobConfig:
     """How to run a job. ``ray_address=None`` starts a local Ray with ``workers`` CPUs;
-    ``"auto"`` joins the cluster this process runs on (``ray submit``)."""
+    ``"auto"`` joins the cluster this process runs on (``ray submit``). ``worker_mode``:
+    ``persistent`` (``actors`` Ray actors, each one Blender process kept alive for up to
+    ``objects_per_worker`` objects or until it holds more than ``recycle_rss_gb`` of memory)
+    or ``per-object`` (a Ray task and a Blender process per object)."""
 
     output: Path
     settings: RenderSettings = field(default_factory=RenderSettings)
@@ -59,6 +67,14 @@ class JobConfig:
     gpus_per_task: float = 0.0
     max_in_flight: int | None = None
     contact_sheet: bool = True
+    worker_mode: str = "persistent"
+    actors: int | None = None
+    objects_per_worker: int = 100
+    recycle_rss_gb: float | None = 4.0
+
+    def __post_init__(self):
+        if self.worker_mode not in WORKER_MODES:
+            raise ValueError(f"worker_mode {self.worker_mode!r} not in {WORKER_MODES}")
 
 
 @dataclass
@@ -87,48 +103,12 @@ class JobSummary:
         )
 
 
-@dataclass
-class TaskResult:
-    """What a render task sends back to the driver: encoded samples or a failure reason."""
-
-    uid: str
-    ok: bool
-    seconds: float
-    samples: list[dict] | None = None
-    reason: str | None = None
-    size: int | None = None
-    sha256: str | None = None
-
-
-def render_task(record: ObjectRecord, settings: RenderSettings) -> TaskResult:
-    """Render one object and encode its samples (runs inside a Ray worker).
-
-    Render failures (RenderError) and errors fetching or reading the object become a failed
-    result with a reason, so one bad object never stops the job.
-    """
-    start = time.perf_counter()
-    try:
-        path = resolve_path(record)
-        renders = render_object(path, record.uid, settings, source=record.source)
-        samples = encode_object(renders, record.uid)
-        size = record.size if record.sha256 else os.path.getsize(path)
-        sha = record.sha256 or file_sha256(path)
-    except RenderError as error:
-        return TaskResult(record.uid, False, time.perf_counter() - start,
-                          reason=f"{error.reason}: {error}")
-    except Exception as error:  # noqa: BLE001 - any other failure is recorded, the job goes on
-        return TaskResult(record.uid, False, time.perf_counter() - start,
-                          reason=f"error: {type(error).__name__}: {error}")
-    return TaskResult(record.uid, True, time.perf_counter() - start, samples=samples,
-                      size=size, sha256=sha)
-
-
 # ----------------------------------------------------------------------------- resume
 def shard_uids(path: Path) -> set[str]:
     """uids whose samples a finished shard holds (from member names ``<uid>_o<k>.*``)."""
     with tarfile.open(path) as tar:
         keys = {name.split(".", 1)[0] for name in tar.getnames()}
-    return {key.rsplit("_o", 1)[0] for key in keys}
+    return {key_uid(key) for key in keys}
 
 
 def reconcile_shards(rows: dict[str, ManifestRow], output: Path) -> None:
@@ -185,6 +165,27 @@ def in_flight_window(ray, config: JobConfig) -> int:
     return max(2, 2 * int(resources.get("GPU" if config.gpus_per_task else "CPU", 1)))
 
 
+def make_pool(ray, config: JobConfig, objects: int):
+    """The worker pool of ``config.worker_mode``, never larger than the work (``objects``).
+    Persistent actors: ``config.actors``, else one per local CPU (or GPU share), on a cluster
+    CLUSTER_ACTORS (pending actors, like pending tasks, make the autoscaler add nodes);
+    ``max_in_flight`` caps them too."""
+    window = config.max_in_flight or in_flight_window(ray, config)
+    if config.worker_mode == "per-object":
+        return TaskPool(ray, config.settings, window, config.gpus_per_task)
+    if config.actors:
+        actors = config.actors
+    elif config.ray_address:
+        actors = CLUSTER_ACTORS
+    else:
+        resources = ray.cluster_resources()
+        share = config.gpus_per_task or 1.0
+        actors = max(1, int(resources.get("GPU" if config.gpus_per_task else "CPU", 1) / share))
+    actors = min(actors, objects, window)
+    return ActorPool(ray, config.settings, actors, window, config.gpus_per_task,
+                     config.objects_per_worker, config.recycle_rss_gb)
+
+
 def run_job(records: list[ObjectRecord], config: JobConfig,
             filtered: list[tuple[ObjectRecord, str]] = ()) -> JobSummary:
     """Render every object of ``records`` not yet done into ``config.output``.
@@ -224,7 +225,8 @@ def run_job(records: list[ObjectRecord], config: JobConfig,
         shards=len(list_shards(output)),
     )
     atomic_write_text(output / SUMMARY_NAME,
-                      json.dumps({**asdict(summary), "settings": asdict(config.settings)}, indent=2))
+                      json.dumps({**asdict(summary), "settings": asdict(config.settings),
+                                  "worker_mode": config.worker_mode}, indent=2))
     if config.contact_sheet:
         done_shards = sorted({row.shard for row in rows.values() if row.status == "done"})
         write_contact_sheet([output / s for s in done_shards], output / CONTACT_SHEET_NAME)
@@ -232,11 +234,9 @@ def run_job(records: list[ObjectRecord], config: JobConfig,
 
 
 def _render_all(ray, todo, rows, config, manifest_path):
-    """Submit tasks in a bounded window, write shards as results arrive, keep the manifest
-    in step. Returns (rendered, failed, [render seconds])."""
-    task = ray.remote(render_task).options(max_retries=2, num_gpus=config.gpus_per_task)
-    window = config.max_in_flight or in_flight_window(ray, config)
-    settings_ref = ray.put(config.settings)
+    """Submit objects to the worker pool in a bounded window, write shards as results arrive,
+    keep the manifest in step. Returns (rendered, failed, [render seconds])."""
+    pool = make_pool(ray, config, len(todo))
     queue, in_flight = list(reversed(todo)), {}
     unrecorded: dict[str, TaskResult] = {}  # rendered, in the open shard, not yet in the manifest
     rendered, failed, seconds = 0, 0, []
@@ -255,7 +255,7 @@ def _render_all(ray, todo, rows, config, manifest_path):
         nonlocal dirty
         for uid in closed.uids:
             result = unrecorded.pop(uid)
-            rows[uid].update(status="done", reason=None, shard=closed.path.name,
+            rows[uid].update(status="done", reason=result.note, shard=closed.path.name,
                              attempts=rows[uid].attempts + 1, render_seconds=result.seconds,
                              size=result.size, sha256=result.sha256)
         dirty = True
@@ -263,11 +263,12 @@ def _render_all(ray, todo, rows, config, manifest_path):
     progress = tqdm(total=len(todo), desc="render", unit="obj", dynamic_ncols=True)
     with ShardWriter(config.output, config.per_shard) as writer:
         while queue or in_flight:
-            while queue and len(in_flight) < window:
+            while queue and pool.has_room():
                 record = queue.pop()
-                in_flight[task.remote(record, settings_ref)] = record
+                in_flight[pool.submit(record)] = record
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             record = in_flight.pop(ready[0])
+            pool.finished(ready[0], queue_empty=not queue)
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as error:  # the worker died max_retries + 1 times
@@ -292,6 +293,7 @@ def _render_all(ray, todo, rows, config, manifest_path):
             progress.set_postfix(done=rendered, failed=failed)
         closed = writer.close()
     progress.close()
+    pool.close()
     if closed:
         commit(closed)
     dirty = True

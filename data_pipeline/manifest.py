@@ -36,8 +36,11 @@ SCHEMA = pa.schema(
         ("render_seconds", pa.float64()),
         ("created_at", pa.timestamp("us", tz="UTC")),
         ("updated_at", pa.timestamp("us", tz="UTC")),
+        ("selection", pa.string()),
     ]
 )
+# Columns that manifests of earlier versions lack: read as null.
+OPTIONAL_COLUMNS = ("selection",)
 
 
 def now() -> dt.datetime:
@@ -60,6 +63,7 @@ class ManifestRow:
     render_seconds: float | None = None
     created_at: dt.datetime | None = None
     updated_at: dt.datetime | None = None
+    selection: str | None = None  # the list and/or rules that chose the object (ObjectRecord)
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -81,6 +85,7 @@ class ManifestRow:
         return cls(
             uid=record.uid, source=record.source, path=str(record.path_or_url),
             size=record.size, sha256=record.sha256, status=status, reason=reason,
+            selection=record.selection,
         )
 
 
@@ -98,10 +103,11 @@ def read_manifest(path: str | Path) -> dict[str, ManifestRow]:
     except (pa.ArrowInvalid, OSError) as error:
         raise ValueError(f"{path}: not a readable Parquet manifest ({error})") from None
     missing = set(SCHEMA.names) - set(table.column_names)
-    if missing:
-        raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
+    if missing - set(OPTIONAL_COLUMNS):
+        raise ValueError(f"{path}: manifest lacks columns {sorted(missing - set(OPTIONAL_COLUMNS))}")
     columns = [
-        _timestamps(table.column(name)) if pa.types.is_timestamp(SCHEMA.field(name).type)
+        [None] * table.num_rows if name in missing
+        else _timestamps(table.column(name)) if pa.types.is_timestamp(SCHEMA.field(name).type)
         else table.column(name).to_pylist()
         for name in SCHEMA.names
     ]
@@ -139,8 +145,9 @@ def merge_records(
 
     New objects become ``pending``; rows already ``done`` or ``failed`` keep their state, unless
     the object's file changed (other sha256), which makes it ``pending`` again with its attempts
-    reset. Filtered objects are recorded as ``filtered`` with the rule's reason (a ``done``
-    row stays done).
+    reset. A row takes the record's ``selection`` when it has one (what chose it this run).
+    Filtered objects are recorded as ``filtered`` with the rule's reason (a ``done`` row stays
+    done).
 
     Returns:
         the updated rows (the same dict).
@@ -149,7 +156,10 @@ def merge_records(
         row = rows.get(record.uid)
         if row is None or row.status == "filtered":
             rows[record.uid] = ManifestRow.from_record(record)
-        elif record.sha256 and row.sha256 and record.sha256 != row.sha256:
+            continue
+        if record.selection and record.selection != row.selection:
+            row.update(selection=record.selection)
+        if record.sha256 and row.sha256 and record.sha256 != row.sha256:
             row.update(
                 path=str(record.path_or_url), size=record.size, sha256=record.sha256,
                 status="pending", reason="file changed since the last run", attempts=0,

@@ -1,8 +1,9 @@
 """Render one object: 2 orbits x 16 frames of RGBA + canonical coordinate map (CCM) + cameras.
 
 :func:`render_object` is the entry point (docs/interfaces.md). Blender runs in a separate
-worker process (:mod:`data_pipeline.blender_worker`) under a timeout and a memory cap;
-this module never imports ``bpy``. The worker returns RGBA and the z-depth of each pixel
+worker process (:mod:`data_pipeline.blender_worker`, driven by
+:mod:`data_pipeline.blender_process`) under a timeout and a memory cap, one process per object
+or one kept alive across objects; this module never imports ``bpy``. The worker returns RGBA and the z-depth of each pixel
 centre's ray; the CCM is computed here from the depth (DESIGN section 2)::
 
     X_cam = d K^-1 (u + 0.5, v + 0.5, 1)^T,  X_world = c2w X_cam,  ccm = X_world + 0.5
@@ -17,12 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import resource
-import signal
 import struct
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -32,12 +28,16 @@ import numpy as np
 from scipy import ndimage
 
 from data_pipeline import conventions as C
+from data_pipeline.blender_process import BlenderProcess
 
 SUPPORTED_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 DEVICES = ("auto", "cpu", "cuda", "optix")
 OBJECT_ALPHA_THRESHOLD = 128  # uint8 alpha at or above which a pixel counts as object
 RENDERER_NAME = "blender-cycles (BlenderProc API)"
 _LOG_TAIL_CHARS = 2000
+# Failures of the process rather than of the input: in a reused process, retried on a fresh one.
+PROCESS_FAULTS = ("timeout", "worker_crashed", "incomplete_output")
+FRESH_RETRY_WARNING = "rendered on a fresh Blender worker after a failure in a reused one:"
 
 
 @dataclass(frozen=True)
@@ -169,50 +169,13 @@ def ccm_from_depth(depth: np.ndarray, alpha: np.ndarray, K: np.ndarray, c2w: np.
 
 
 # ----------------------------------------------------------------------------- worker
-def _tail(path: Path) -> str:
-    text = path.read_text(errors="replace") if path.exists() else ""
-    return text[-_LOG_TAIL_CHARS:]
-
-
-def run_worker(job: dict, workdir: Path, settings: RenderSettings) -> tuple[dict, dict]:
-    """Run the Blender worker on ``job`` in ``workdir``; returns (arrays, worker metadata).
-
-    The worker gets ``settings.timeout_s`` seconds and ``settings.memory_limit_gb`` of data
-    memory; it is judged by its complete output (``render.npz`` + ``result.json``), not by its
-    exit code alone.
-
-    Raises:
-        RenderError(``timeout`` | ``worker_crashed`` | ``incomplete_output`` | the worker's
-        own reason, e.g. ``import_failed``, ``no_faces``).
-    """
+def _run_once(job: dict, workdir: Path, settings: RenderSettings, worker: BlenderProcess) -> tuple[dict, dict]:
     job_path = workdir / "job.json"
     job_path.write_text(json.dumps(job))
-    log_path = workdir / "worker.log"
     mesh = job["mesh_path"]
-    limit = int(settings.memory_limit_gb * 2**30)
-    with log_path.open("wb") as log:
-        # Own session: a timeout kills the whole process group. No preexec_fn (unsafe in
-        # threaded callers such as Ray workers): the cap is set on the child right after
-        # it starts, long before Blender loads. RLIMIT_DATA (heap, anonymous and private
-        # writable mappings), not RLIMIT_AS: CUDA/OptiX reserve large inaccessible address
-        # ranges that an address-space cap refuses.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "data_pipeline.blender_worker", str(job_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True,
-            # Blender's own temp folder goes inside the job folder, removed with it (the
-            # worker leaves with os._exit, so Blender never cleans up after itself).
-            env={**os.environ, "TMPDIR": str(workdir)},
-        )
-        try:
-            resource.prlimit(proc.pid, resource.RLIMIT_DATA, (limit, limit))
-        except ProcessLookupError:
-            pass  # already gone: judged by its output below
-        try:
-            returncode = proc.wait(timeout=settings.timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise RenderError("timeout", f"{mesh}: Blender worker exceeded {settings.timeout_s} s")
+    outcome = worker.run(job_path, settings.timeout_s)
+    if outcome.timed_out:
+        raise RenderError("timeout", f"{mesh}: Blender worker exceeded {settings.timeout_s} s")
     error_path, npz_path, result_path = (workdir / n for n in ("error.json", "render.npz", "result.json"))
     if error_path.exists():
         error = json.loads(error_path.read_text())
@@ -220,8 +183,8 @@ def run_worker(job: dict, workdir: Path, settings: RenderSettings) -> tuple[dict
     if not (npz_path.exists() and result_path.exists()):
         raise RenderError(
             "worker_crashed",
-            f"{mesh}: Blender worker exited with code {returncode} without output "
-            f"(memory limit {settings.memory_limit_gb} GB); log tail:\n{_tail(log_path)}",
+            f"{mesh}: Blender worker exited with code {outcome.exit_code} without output "
+            f"(memory limit {settings.memory_limit_gb} GB); log tail:\n{outcome.log_tail}",
         )
     with np.load(npz_path) as data:
         arrays = {k: data[k] for k in data.files}
@@ -233,6 +196,39 @@ def run_worker(job: dict, workdir: Path, settings: RenderSettings) -> tuple[dict
     return arrays, json.loads(result_path.read_text())
 
 
+def run_worker(job: dict, workdir: Path, settings: RenderSettings,
+               worker: BlenderProcess | None = None) -> tuple[dict, dict]:
+    """Run the Blender worker on ``job`` in ``workdir``; returns (arrays, worker metadata).
+
+    ``worker``: a persistent :class:`BlenderProcess` to render in; None starts a process for
+    this job alone. The worker gets ``settings.timeout_s`` seconds and
+    ``settings.memory_limit_gb`` of data memory; it is judged by its complete output
+    (``render.npz`` + ``result.json``), not by its exit code alone. A timeout, crash or
+    incomplete output in a process that had rendered other objects before (whose state might
+    be to blame) kills that process, and the job is run once more on a fresh one; the
+    metadata's warnings then say so (:data:`FRESH_RETRY_WARNING`).
+
+    Raises:
+        RenderError(``timeout`` | ``worker_crashed`` | ``incomplete_output`` | the worker's
+        own reason, e.g. ``import_failed``, ``no_faces``).
+    """
+    if worker is None:
+        with BlenderProcess(settings.memory_limit_gb) as one_shot:
+            return _run_once(job, workdir, settings, one_shot)
+    warm = worker.warm
+    try:
+        return _run_once(job, workdir, settings, worker)
+    except RenderError as error:
+        if not (warm and error.reason in PROCESS_FAULTS):
+            raise
+        first = f"{FRESH_RETRY_WARNING} {error.reason}: {str(error)[:_LOG_TAIL_CHARS]}"
+    for name in ("error.json", "render.npz", "result.json"):
+        (workdir / name).unlink(missing_ok=True)
+    arrays, meta = _run_once(job, workdir, settings, worker)  # worker.warm is False now
+    meta["warnings"] = [*meta["warnings"], first]
+    return arrays, meta
+
+
 def project_version() -> str:
     try:
         return metadata.version("ouroboros3d")
@@ -242,11 +238,12 @@ def project_version() -> str:
 
 # ----------------------------------------------------------------------------- entry point
 def render_object(mesh_path, uid: str, settings: RenderSettings = RenderSettings(),
-                  source: str = "local") -> list[OrbitRender]:
+                  source: str = "local", worker: BlenderProcess | None = None) -> list[OrbitRender]:
     """Render ``settings.num_orbits`` orbits of the object in ``mesh_path`` (.glb .gltf .obj .ply).
 
     Cameras come from ``uid`` (same uid -> same cameras). One worker process renders every
-    frame of every orbit.
+    frame of every orbit: ``worker`` (a persistent :class:`BlenderProcess`, reset between
+    objects), or, when None, a process started for this object alone.
 
     Raises:
         RenderError on any failure (bad file, no faces, timeout, crash).
@@ -270,7 +267,7 @@ def render_object(mesh_path, uid: str, settings: RenderSettings = RenderSettings
             "obj_up_axis": settings.obj_up_axis,
             "c2w": np.concatenate([o["c2w"] for o in orbits]).tolist(),
         }
-        arrays, worker_meta = run_worker(job, Path(tmp), settings)
+        arrays, worker_meta = run_worker(job, Path(tmp), settings, worker)
 
     renderer = {
         "name": RENDERER_NAME,

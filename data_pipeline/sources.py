@@ -29,13 +29,16 @@ GLTF_TO_ZUP = trimesh.transformations.rotation_matrix(np.pi / 2, [1, 0, 0])
 
 @dataclass(frozen=True)
 class ObjectRecord:
-    """One object to render. ``size`` (bytes) and ``sha256`` are None until known."""
+    """One object to render. ``size`` (bytes) and ``sha256`` are None until known;
+    ``selection``: how the object was chosen (for Objaverse: the keep list, with its hash, and/or
+    the annotation rules), recorded in the manifest."""
 
     uid: str
     source: str  # local | demo | objaverse
     path_or_url: str
     size: int | None = None
     sha256: str | None = None
+    selection: str | None = None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -301,26 +304,38 @@ def objaverse_objects(
     rules=None,
     captions: str | Path | None = None,
     limit: int | None = None,
+    apply_rules: bool = True,
 ):
     """Objaverse objects through the objaverse API, filtered (see :mod:`objaverse_filter`).
 
     Args:
-        uids: restrict to these uids (default: all of ``objaverse.load_uids()``).
+        uids: restrict to these uids (default: the keep list's when the rules are off, else all
+            of ``objaverse.load_uids()``).
         lvis_categories: restrict to objects of these LVIS categories.
-        keep_list: a published filter list (CSV of ``glb-group,uid`` rows), e.g. LGM's.
+        keep_list: a published filter list (CSV of ``glb-group,uid`` rows), e.g.
+            ``objaverse_filter.LGM_LIST``.
         rules: ``objaverse_filter.FilterRules`` (defaults when None).
         captions: optional CSV ``uid,caption`` (e.g. Cap3D) checked for bad words.
         limit: keep at most this many objects (after filtering, in uid order).
+        apply_rules: filter by the rules on the annotations; off, the annotations are not
+            loaded at all (the keep list alone decides) and records carry no size.
     Returns:
         (kept records, [(filtered record, reason)], objaverse_filter.FilterSummary). Records
-        carry the hub URL; files are downloaded by the render worker (:func:`resolve_path`).
+        carry the hub URL and ``selection`` (the list and/or rules that chose them); files are
+        downloaded by the render worker (:func:`resolve_path`).
     """
     import objaverse
 
     from data_pipeline import objaverse_filter
 
+    keep = objaverse_filter.read_keep_list(keep_list) if keep_list else None
     object_paths = objaverse._load_object_paths()
-    candidates = list(uids) if uids is not None else objaverse.load_uids()
+    if uids is not None:
+        candidates = list(uids)
+    elif keep is not None and not apply_rules:
+        candidates = sorted(keep)
+    else:
+        candidates = objaverse.load_uids()
     unknown = [uid for uid in candidates if uid not in object_paths]
     candidates = [uid for uid in candidates if uid in object_paths]
     if lvis_categories:
@@ -330,18 +345,24 @@ def objaverse_objects(
             raise ValueError(f"unknown LVIS categories {missing}")
         wanted = {uid for category in lvis_categories for uid in lvis[category]}
         candidates = [uid for uid in candidates if uid in wanted]
-    annotations = objaverse.load_annotations(candidates)
-    keep = objaverse_filter.read_keep_list(keep_list) if keep_list else None
+    annotations = objaverse.load_annotations(candidates) if apply_rules else None
     caption_map = objaverse_filter.read_captions(captions) if captions else None
     decisions, summary = objaverse_filter.filter_objects(
-        candidates, annotations, rules=rules, keep_list=keep, captions=caption_map
+        candidates, annotations, rules=rules, keep_list=keep, captions=caption_map,
+        apply_rules=apply_rules,
     )
     summary.total += len(unknown)
     summary.count("unknown uid", len(unknown))
+    parts = [f"keep list {objaverse_filter.list_label(keep_list)}"] if keep_list else []
+    parts += ["annotation rules"] if apply_rules else []
+    parts += ["given uids"] if uids is not None else []
+    parts += [f"LVIS {','.join(lvis_categories)}"] if lvis_categories else []
+    selection = " + ".join(parts) or "all of objaverse"
     kept, filtered = [], []
     for uid in sorted(candidates):
-        archive = (annotations.get(uid) or {}).get("archives", {}).get("glb", {})
-        record = ObjectRecord(uid, "objaverse", objaverse_url(object_paths[uid]), archive.get("size"))
+        archive = ((annotations or {}).get(uid) or {}).get("archives", {}).get("glb", {})
+        record = ObjectRecord(uid, "objaverse", objaverse_url(object_paths[uid]), archive.get("size"),
+                              selection=selection)
         if decisions[uid] is None:
             kept.append(record)
         else:

@@ -49,6 +49,11 @@ def test_bad_manifests_are_named(tmp_path):
     garbage.write_text("not parquet")
     with pytest.raises(ValueError, match="garbage.parquet: not a readable Parquet"):
         read_manifest(garbage)
+    older = tmp_path / "older.parquet"  # written before the selection column existed
+    write_manifest(older, [ManifestRow("x", "local", "/x", status="done", shard="shard-000000.tar")])
+    pq.write_table(pq.read_table(older).drop_columns(["selection"]), older)
+    (row,) = read_manifest(older).values()
+    assert (row.uid, row.status, row.selection) == ("x", "done", None)
     partial = tmp_path / "partial.parquet"
     pq.write_table(SCHEMA.empty_table().drop_columns(["shard"]), partial)
     with pytest.raises(ValueError, match=r"partial.parquet: manifest lacks columns \['shard'\]"):

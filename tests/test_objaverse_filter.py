@@ -60,9 +60,29 @@ def test_rules_are_configurable_and_captions_checked():
 
 def test_keep_list_rejects_malformed_rows(tmp_path):
     path = tmp_path / "list.csv"
-    path.write_text("glb-group,uid\n000-001,0123456789abcdef0123456789abcdef\n000-002,not-a-uid\n")
-    with pytest.raises(ValueError, match=r"list.csv:3"):
+    path.write_text("glb-group,uid\n000-001,0123456789abcdef0123456789abcdef\n000-130,kiDgUIcaC7c4YaIcLCJeq4kS7rK\n"
+                    "000-002,not-a-uid\n")
+    with pytest.raises(ValueError, match=r"list.csv:4: 'not-a-uid'"):
         F.read_keep_list(path)
+    path.write_text("000-001,0123456789abcdef0123456789abcdef\n000-130,kiDgUIcaC7c4YaIcLCJeq4kS7rK\n")
+    assert F.read_keep_list(path) == {"0123456789abcdef0123456789abcdef", "kiDgUIcaC7c4YaIcLCJeq4kS7rK"}
+
+
+def test_filter_reports_its_agreement_with_a_keep_list(objaverse_cache, tmp_path):
+    """Rules keep mug, chair, helmet, shoe; the list mug, chair, helmet, terrain."""
+    assert main(["filter", "--output", str(tmp_path / "out"), "--objaverse-list", f"{FIXTURE}/lgm_keep.csv"]) == 0
+    summary = json.loads((tmp_path / "out" / "filter_summary.json").read_text())
+    assert summary["agreement"] == {"kept by both": 3, "kept by the list only": 1,
+                                    "kept by the rules only": 1, "kept by neither": 7}
+    assert summary["kept"] == 3  # the filter command applies both
+    # the render selection: the list decides, the rules only when asked
+    kept, filtered, summary = objaverse_objects(keep_list=f"{FIXTURE}/lgm_keep.csv", apply_rules=False)
+    assert {r.uid for r in kept} == {uid(n) for n in ("mug", "chair", "helmet", "terrain")}
+    assert filtered == [] and summary.agreement is None  # no annotations loaded
+    assert all(r.selection.startswith("keep list lgm_keep.csv (sha256 ") for r in kept)
+    kept, _, _ = objaverse_objects(keep_list=f"{FIXTURE}/lgm_keep.csv")
+    assert {r.uid for r in kept} == {uid(n) for n in ("mug", "chair", "helmet")}
+    assert kept[0].selection.endswith(" + annotation rules")
 
 
 def test_filter_command_writes_keep_list_and_summary(objaverse_cache, tmp_path, capsys):

@@ -63,9 +63,10 @@ def test_demo_shards_fixture(demo_shards):
 @pytest.mark.slow
 @pytest.mark.blender
 def test_resume_after_kill_never_loses_or_duplicates(tmp_path):
+    """In the per-object worker mode (the other tests run the default, persistent one)."""
     out = tmp_path / "job"
     args = ["render", "--source", "demo", "--count", "3", "--seed", "5", "--per-shard", "2",
-            *FAST, "--output", str(out), "--no-contact-sheet"]
+            *FAST, "--output", str(out), "--no-contact-sheet", "--worker-mode", "per-object"]
     job = subprocess.Popen([sys.executable, "-m", "data_pipeline", *args], cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -89,6 +90,63 @@ def test_resume_after_kill_never_loses_or_duplicates(tmp_path):
     for shard in list_shards(out):
         for raw in iter_shard(shard):
             assert rows[decode_sample(raw)["meta"]["uid"]].shard == shard.name
+    assert not list(out.glob("*.tmp"))
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of every live descendant of a process (from /proc)."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ValueError):
+                pass
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, p in parents.items():
+            if p == parent and child not in found:
+                found[child] = commands[child]
+                frontier.append(child)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.blender
+def test_a_killed_render_actor_is_restarted_and_its_object_retried(tmp_path):
+    """Persistent mode, one actor: once the first object is in a shard, the actor process is
+    killed (SIGKILL) while it renders the next. Ray restarts it, its Blender (dead with its
+    parent) is fresh, the object is rendered again, and every sample is in the shards once."""
+    out = tmp_path / "job"
+    args = ["render", "--source", "demo", "--count", "3", "--seed", "6", "--per-shard", "2", "--actors", "1",
+            "--resolution", "32", "--samples", "4", "--workers", "1", "--output", str(out), "--no-contact-sheet"]
+    job = subprocess.Popen([sys.executable, "-m", "data_pipeline", *args], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, killed = time.monotonic() + 400, None
+        while killed is None:
+            assert job.poll() is None, "the job ended before the actor could be killed"
+            assert time.monotonic() < deadline, "no shard after 400 s"
+            if (out / "shard-000000.tar").exists():
+                procs = _descendants(job.pid)
+                actor = [p for p, cmd in procs.items() if cmd.startswith("ray::RenderActor")]
+                rendering = [p for p, cmd in procs.items() if "data_pipeline.blender_worker" in cmd]
+                if actor and rendering:
+                    os.kill(actor[0], signal.SIGKILL)
+                    killed = actor[0]
+            time.sleep(0.1)
+        output, _ = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode == 0, output[-3000:]
+    rows = read_manifest(out / "manifest.parquet")
+    assert len(rows) == 3 and {r.status for r in rows.values()} == {"done"}, rows
+    assert sorted(all_keys(out)) == sorted(C.sample_key(uid, k) for uid in rows for k in (0, 1))  # once each
     assert not list(out.glob("*.tmp"))
 
 
@@ -180,7 +238,7 @@ def test_objaverse_job_downloads_in_the_workers_and_records_filtered_objects(obj
 
 
 def test_render_task_records_objects_it_cannot_fetch(objaverse_cache):
-    from data_pipeline.job import render_task
+    from data_pipeline.render_workers import render_task
     from data_pipeline.render import RenderSettings
     from data_pipeline.sources import ObjectRecord
 
