@@ -20,9 +20,9 @@ order. Tiles are processed in chunks, with no loop per tile: a chunk is a ``[til
 pixels]`` tensor of alphas, each tile's Gaussian list padded with an empty Gaussian (alpha 0)
 up to the chunk's longest, composited along its middle axis by a cumulative product. Tiles are
 grouped by list length so that padding wastes at most about half of a chunk, and a chunk holds
-at most ``budget`` (tile, Gaussian, pixel) entries, so memory is O(budget), never O(H W N);
-with gradients, each chunk is checkpointed (recomputed in backward), so autograd holds only
-the chunks' inputs, O(tile-Gaussian pairs).
+at most ``budget`` (tile, Gaussian, pixel) entries, so memory is O(budget), never O(H W N).
+The backward of a chunk is written out (:class:`RenderChunk`) and recomputes the chunk's
+alphas, so autograd holds only the chunks' inputs, O(tile-Gaussian pairs).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from model.gaussians import OPACITY, RGB, ROTATION, SCALE, XYZ, covariance_3d
 
@@ -40,7 +40,7 @@ ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
 TRANSMITTANCE_MIN = 1e-4  # a pixel is done before its transmittance would fall to this
 POWER_MIN = -math.log(255.0) - 1.0  # o exp(POWER_MIN) < 1/255 for every opacity o <= 1
-CHUNK_BUDGET = 1 << 21  # (tile, Gaussian, pixel) entries per chunk, padding included
+CHUNK_BUDGET = 1 << 18  # (tile, Gaussian, pixel) entries per chunk, padding included
 # Splat table columns: pixel centre, conic (inverse 2D covariance a, b, c), opacity, values.
 MEAN2D, CONIC, ALPHA_O, VALUES = slice(0, 2), slice(2, 5), 5, slice(6, 13)
 
@@ -108,14 +108,17 @@ def footprint_radius(cov2d: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor
     return torch.sqrt(level * lam_max)
 
 
-def gaussian_alpha(pixels: torch.Tensor, splats: torch.Tensor) -> torch.Tensor:
+def gaussian_alpha(
+    pixels: torch.Tensor, splats: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pixel opacity ``min(0.999, o exp(-0.5 d^T Sigma'^-1 d))``, zero below 1/255 (3DGS Sec. 6).
 
     Args:
         pixels: [T, P, 2] pixel centres of T tiles.  splats: [T, n, 13] each tile's Gaussians
             (columns ``MEAN2D``, ``CONIC``, ``ALPHA_O``, ``VALUES``).
     Returns:
-        [T, n, P]
+        (alpha [T, n, P]; for the backward, the offsets dx, dy [T, n, P] of the pixel from the
+        centre and the unclamped Gaussian falloff ``exp(-0.5 d^T Sigma'^-1 d)`` [T, n, P])
     """
     dx = pixels[:, None, :, 0] - splats[:, :, None, 0]  # [T, n, P]
     dy = pixels[:, None, :, 1] - splats[:, :, None, 1]
@@ -123,39 +126,74 @@ def gaussian_alpha(pixels: torch.Tensor, splats: torch.Tensor) -> torch.Tensor:
     power = -0.5 * (a * dx**2 + 2 * b * dx * dy + c * dy**2)
     # Below -ln(255) every alpha is under 1/255 and dropped; clamping there first keeps exp off
     # its slow underflow path (tens of times slower on CPU) without changing any result.
-    power = torch.clamp(power, min=POWER_MIN)
-    alpha = torch.clamp(splats[:, :, ALPHA_O, None] * torch.exp(power), max=ALPHA_MAX)
-    return torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha))
+    falloff = torch.exp(torch.clamp(power, min=POWER_MIN))
+    alpha = torch.clamp(splats[:, :, ALPHA_O, None] * falloff, max=ALPHA_MAX)
+    return torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha)), dx, dy, falloff
 
 
-def composite(alpha: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Front-to-back alpha compositing: ``sum_i v_i alpha_i T_i``, ``T_i = prod_{j<i}(1-alpha_j)``
+def blend_weights(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Front-to-back compositing weights ``w_i = alpha_i T_i``, ``T_i = prod_{j<i}(1-alpha_j)``
     (3DGS Eq. 3), over the Gaussians before the first one whose ``T_i (1 - alpha_i)`` would be
     <= 1e-4 (that one and all behind it are dropped, as gsplat and 3DGS do).
 
     Args:
-        alpha: [T, n, P] per tile, Gaussian (sorted front to back) and pixel.  values: [T, n, C].
+        alpha: [T, n, P] per tile, Gaussian (sorted front to back) and pixel.
     Returns:
-        (accumulated [T, P, C], final transmittance [T, P])
+        (weights [T, n, P], T_i [T, n, P], kept [T, n, P] bool, final transmittance [T, P])
     """
     transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha], 1), 1)
-    with torch.no_grad():  # T only falls along a pixel's list, so the kept ones are a prefix
-        alive = transmittance[:, 1:] > TRANSMITTANCE_MIN  # [T, n, P]
-        kept = alive.sum(1, keepdim=True)  # [T, 1, P]
-    weights = torch.where(alive, alpha * transmittance[:, :-1], torch.zeros_like(alpha))
-    return torch.bmm(weights.transpose(1, 2), values), transmittance.gather(1, kept).squeeze(1)
+    kept = transmittance[:, 1:] > TRANSMITTANCE_MIN  # a prefix of each list: T only falls
+    final = transmittance.gather(1, kept.sum(1, keepdim=True)).squeeze(1)
+    before = transmittance[:, :-1]
+    return torch.where(kept, alpha * before, torch.zeros_like(alpha)), before, kept, final
 
 
-def render_chunk(pixels: torch.Tensor, splats: torch.Tensor) -> torch.Tensor:
-    """Some tiles: per-pixel alphas of their Gaussians (depth-sorted) composited front to back.
+class RenderChunk(torch.autograd.Function):
+    """Some tiles: per-pixel alphas of their Gaussians (depth-sorted) composited front to back,
+    ``[T, P, 2], [T, n, 13] -> [T, P, 8]`` (the 7 accumulated values rgb, z, ccm, then the final
+    transmittance).
 
-    Args:
-        pixels: [T, P, 2].  splats: [T, n, 13] (see :func:`gaussian_alpha`).
-    Returns:
-        [T, P, C + 1]: accumulated values (C = 7: rgb, z, ccm), then the final transmittance.
+    The backward is 3DGS Eq. 3 differentiated by hand (as gsplat's backward kernel does), and
+    recomputes the [T, n, P] terms: autograd keeps only the inputs, O(tile-Gaussian pairs).
     """
-    acc, trans = composite(gaussian_alpha(pixels, splats), splats[..., VALUES])
-    return torch.cat([acc, trans[..., None]], -1)
+
+    @staticmethod
+    def forward(ctx, pixels: torch.Tensor, splats: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pixels, splats)
+        weights, _, _, final = blend_weights(gaussian_alpha(pixels, splats)[0])
+        acc = torch.bmm(weights.transpose(1, 2), splats[..., VALUES])  # [T, P, 7]
+        return torch.cat([acc, final[..., None]], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """``grad`` [T, P, 8] -> gradient of the splats [T, n, 13]. With ``s_i = dL/dacc . v_i``:
+        ``dL/dalpha_i = T_i s_i - (sum_{j>i} w_j s_j + dL/dT_final T_final) / (1 - alpha_i)``
+        for the kept Gaussians, then through the clamp, the threshold and the exponential."""
+        pixels, splats = ctx.saved_tensors
+        alpha, dx, dy, falloff = gaussian_alpha(pixels, splats)
+        weights, before, kept, final = blend_weights(alpha)
+        grad_acc, grad_final = grad[..., :7], grad[..., 7:8].transpose(1, 2)  # [T, P, 7], [T, 1, P]
+        s = torch.bmm(splats[..., VALUES], grad_acc.transpose(1, 2))  # [T, n, P]
+        ws = weights * s
+        behind = ws.sum(1, keepdim=True) - torch.cumsum(ws, 1)  # sum_{j>i} w_j s_j
+        grad_alpha = before * s - (behind + grad_final * final[:, None]) / (1.0 - alpha)
+        # alpha passes the gradient where it is neither clamped at 0.999 nor dropped below 1/255
+        # (where the power was clamped, alpha is below 1/255: dropped too, as opacity <= 1).
+        opacity = splats[:, :, ALPHA_O, None]
+        live = kept & (alpha > 0) & (opacity * falloff <= ALPHA_MAX)
+        grad_raw = torch.where(live, grad_alpha * falloff, torch.zeros_like(alpha))  # d/d opacity
+        grad_power = grad_raw * opacity
+        u, v = grad_power * dx, grad_power * dy
+        su, sv = u.sum(-1), v.sum(-1)  # [T, n]
+        a, b, c = splats[..., CONIC].unbind(-1)
+        grad_splats = torch.stack(
+            [a * su + b * sv, b * su + c * sv,  # d power / d mean = Sigma'^-1 d
+             -0.5 * (u * dx).sum(-1), -(u * dy).sum(-1), -0.5 * (v * dy).sum(-1),
+             grad_raw.sum(-1)], -1,
+        )  # fmt: skip
+        grad_values = torch.bmm(weights, grad_acc)  # [T, n, 7]
+        return None, torch.cat([grad_splats, grad_values], -1)
 
 
 def render_view(
@@ -200,17 +238,12 @@ def render_views(
     canvas = torch.zeros(B * V * tiles_y * tiles_x, tile_size**2, 8, dtype=g.dtype, device=g.device)
     canvas[..., 7] = 1.0
     if chunks:
-        tiles, results = [], []
-        for tile, index in chunks:
-            args = (_tile_pixels(tile, tile_size, tiles_x, tiles_y, g.dtype), table[index])
-            if torch.is_grad_enabled() and table.requires_grad:
-                # Keep only the chunk's inputs for backward and recompute its [T, n, P] terms
-                # there: autograd memory stays O(tile-Gaussian pairs), not O(pairs x pixels).
-                results.append(checkpoint(render_chunk, *args, use_reentrant=False))
-            else:
-                results.append(render_chunk(*args))
-            tiles.append(tile)
-        canvas = canvas.index_copy(0, torch.cat(tiles), torch.cat(results))
+        tiles = torch.cat([tile for tile, _ in chunks])
+        results = [
+            RenderChunk.apply(_tile_pixels(tile, tile_size, tiles_x, tiles_y, g.dtype), table[index])
+            for tile, index in chunks
+        ]
+        canvas = canvas.index_copy(0, tiles, torch.cat(results))
     else:
         # Nothing on screen: still an output of ``g`` (zero gradient, no backward error).
         canvas = canvas + table[:0].sum()
