@@ -128,7 +128,7 @@ def gaussian_alpha(
     # its slow underflow path (tens of times slower on CPU) without changing any result.
     falloff = torch.exp(torch.clamp(power, min=POWER_MIN))
     alpha = torch.clamp(splats[:, :, ALPHA_O, None] * falloff, max=ALPHA_MAX)
-    return torch.where(alpha >= ALPHA_MIN, alpha, torch.zeros_like(alpha)), dx, dy, falloff
+    return torch.where(alpha >= ALPHA_MIN, alpha, 0.0), dx, dy, falloff
 
 
 def blend_weights(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,7 +145,7 @@ def blend_weights(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     kept = transmittance[:, 1:] > TRANSMITTANCE_MIN  # a prefix of each list: T only falls
     final = transmittance.gather(1, kept.sum(1, keepdim=True)).squeeze(1)
     before = transmittance[:, :-1]
-    return torch.where(kept, alpha * before, torch.zeros_like(alpha)), before, kept, final
+    return torch.where(kept, alpha * before, 0.0), before, kept, final
 
 
 class RenderChunk(torch.autograd.Function):
@@ -182,7 +182,7 @@ class RenderChunk(torch.autograd.Function):
         # (where the power was clamped, alpha is below 1/255: dropped too, as opacity <= 1).
         opacity = splats[:, :, ALPHA_O, None]
         live = kept & (alpha > 0) & (opacity * falloff <= ALPHA_MAX)
-        grad_raw = torch.where(live, grad_alpha * falloff, torch.zeros_like(alpha))  # d/d opacity
+        grad_raw = torch.where(live, grad_alpha * falloff, 0.0)  # d/d opacity
         grad_power = grad_raw * opacity
         u, v = grad_power * dx, grad_power * dy
         su, sv = u.sum(-1), v.sum(-1)  # [T, n]
