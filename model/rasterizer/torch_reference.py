@@ -8,7 +8,7 @@ Steps (Kerbl et al. 2023, "3D Gaussian Splatting", Sec. 4 and 6; Zwicker et al. 
 3. per pixel, ``alpha_i = min(0.999, o_i exp(-0.5 d^T Sigma'^-1 d))``, terms below 1/255 dropped;
 4. front-to-back compositing in depth order: ``C = sum_i c_i alpha_i T_i``,
    ``T_i = prod_{j<i} (1 - alpha_j)``, stopping before the Gaussian that would take ``T`` to
-   1e-4 or below (:func:`composite`).
+   1e-4 or below (:func:`blend_weights`).
 
 The clamp (0.999) and the stop (1e-4, exclusive) are gsplat 1.5's
 (``cuda/csrc/RasterizeToPixels3DGSFwd.cu``), so that the CPU and the CUDA backend render the same
