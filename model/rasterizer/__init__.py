@@ -59,12 +59,4 @@ def render_gaussians(
 
     if backend == "gsplat":
         return gsplat_backend.render(gaussians, c2w, K, height, width, bg)
-    views = [
-        [torch_reference.render_view(gaussians[b], c2w[b, v], K[b, v], height, width, bg)
-         for v in range(c2w.shape[1])]
-        for b in range(B)
-    ]  # fmt: skip
-    return {
-        key: torch.stack([torch.stack([view[key] for view in row]) for row in views])
-        for key in ("rgb", "alpha", "depth", "ccm")
-    }
+    return torch_reference.render_views(gaussians, c2w, K, height, width, bg)
