@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Table 2 of the paper (the feedback ablation) at toy scale, by one command: about 90 minutes on
+# Table 2 of the paper (the feedback ablation) at toy scale, by one command: about 65 minutes on
 # 2 CPU cores, minutes on a GPU (the same command; TINY_RANKS=<number of GPUs> there).
 #   1-4. scripts/tiny_pretrain.sh: shared by every row (shards, autoencoder, the diffusion model
 #        alone, LGM alone on clean views), the toy stand-ins for pretrained SVD and LGM;
