@@ -267,8 +267,12 @@ class Ouroboros3D(nn.Module):
         return render_gaussians(gaussians, c2w, K, size, size, background=self.config.background)
 
     def feedback_maps(self, renders: dict | None, like: torch.Tensor) -> dict | None:
-        """The feedback G(x0) (Sec. 3.3): rendered CCM (and RGB) in [0, 1], detached; zeros when
-        ``renders`` is None (no 3D feedback this step); None when the model has no feedback."""
+        """The feedback G(x0) (Sec. 3.3): rendered CCM (and RGB), detached; zeros when
+        ``renders`` is None (no 3D feedback this step); None when the model has no feedback.
+
+        RGB is in [0, 1]; CCM is the rendered ``centre + 0.5`` composited over 0, in [0, 1] for
+        Gaussians inside the unit cube and not clamped (training and sampling feed the same maps).
+        """
         if not self.denoiser.has_feedback:
             return None
         B, F = like.shape[:2]
