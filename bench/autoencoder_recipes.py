@@ -1,0 +1,216 @@
+"""Which autoencoder recipe gets nearer the round-trip goal: short in-memory training runs.
+
+    python bench/autoencoder_recipes.py --train '<dir>/shard-*.tar' --heldout '<dir>/shard-*.tar' \
+        --name base --steps 600 --evals 200,400,600 [--latent-channels 16] [--blocks 3] \
+        [--channels 64,64,64,64] [--norm-groups 8] [--arch plain] [--no-augment] [--lr 2e-3]
+
+Every orbit of the training shards is held in memory at 64 px (composited and resized as the
+loader does); a step takes one orbit (``--batch``), a random start frame and its 8 training
+views (``training_frame_indices``), with colour augmentation unless ``--no-augment`` (mirror,
+channel permutation, hue rotation about the grey axis), and applies the objective of
+``python -m training.autoencoder`` (``autoencoder_loss``: L1 + squared error + KL 1e-6, AdamW,
+cosine lr, gradient norm clipped to 1). At each ``--evals`` step it prints one JSON line: round-
+trip PSNR (posterior mode, all frames, both 8-frame groups of each orbit) on held-out shards and
+on the first four training objects (by name), and writes ``<out>/<name>_<step>.png`` (a held-out orbit
+over its round trip). The first line also gives, for scale, the held-out frames' PSNR against
+8, 16 and 32 px thumbnails of themselves upsampled bicubically (``resize_references``).
+
+Variants: ``--latent-channels``, ``--blocks`` (3 = 4x downsampling instead of 8x) and
+``--channels`` are `AutoencoderKLTemporalDecoder` config; two are diagnostics outside it:
+``--norm-groups`` swaps every GroupNorm for one with that many groups (the class fixes 32, one
+channel a group at the tiny width), ``--arch plain`` a plain convolutional autoencoder without
+normalisation or a temporal decoder (same 8x8x4 latent) as a reference for how hard the task is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
+
+from data_pipeline.conventions import NUM_FRAMES, training_frame_indices  # noqa: E402
+from data_pipeline.shards import iter_shard  # noqa: E402
+from model.config import preset  # noqa: E402
+from training.autoencoder import autoencoder_loss, cosine_lr, roundtrip, save_roundtrip_picture  # noqa: E402
+from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
+
+RESOLUTION = 64
+
+
+def load_orbits(pattern: str, background: float = 1.0) -> tuple[torch.Tensor, list[str]]:
+    """All orbits of the shards, all frames: ([N, 16, 3, 64, 64] in [-1, 1], object names)."""
+    orbits, names = [], []
+    for url in expand_shards(pattern):
+        for sample in iter_shard(url):
+            views = decode_views(sample, np.arange(NUM_FRAMES))
+            orbits.append(to_training_views(views, RESOLUTION, [background] * 3)["images"])
+            names.append(sample["__key__"].rsplit("_o", 1)[0])
+    if not orbits:
+        raise SystemExit(f"no orbits in {pattern}")
+    return torch.stack(orbits), names
+
+
+def eval_groups(orbits: torch.Tensor) -> list[torch.Tensor]:
+    """Both 8-frame training groups of every orbit: a list of [8, 3, H, W]."""
+    return [o[training_frame_indices(s)] for o in orbits for s in (0, 1)]
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Mirror, channel permutation and hue rotation about the grey axis of [B, V, 3, H, W] in [-1, 1]."""
+    if torch.rand((), generator=g) < 0.5:
+        x = x.flip(-1)
+    x = x[:, :, torch.randperm(3, generator=g)]
+    theta = float(torch.rand((), generator=g)) * 2 * math.pi
+    k = torch.ones(3) / math.sqrt(3)
+    K = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    R = torch.eye(3) + math.sin(theta) * K + (1 - math.cos(theta)) * K @ K  # Rodrigues
+    return torch.einsum("ij,bvjhw->bvihw", R, (x + 1) / 2).clamp(0, 1) * 2 - 1
+
+
+def swap_group_norms(module: nn.Module, groups: int) -> None:
+    """Replace every GroupNorm under ``module`` by one with ``groups`` groups (diagnostic)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.GroupNorm):
+            setattr(module, name, nn.GroupNorm(groups, child.num_channels, eps=child.eps, affine=child.affine))
+        else:
+            swap_group_norms(child, groups)
+
+
+class PlainAutoencoder(nn.Module):
+    """Reference: convolutions and SiLU only, 3 stride-2 downsamplings to an 8x8x4 latent."""
+
+    def __init__(self, width: int = 32, latent: int = 4):
+        super().__init__()
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.SiLU(), nn.Conv2d(o, o, 3, padding=1), nn.SiLU())
+
+        down = [block(3, width)]
+        up = [nn.Conv2d(latent, width, 3, padding=1), block(width, width)]
+        for _ in range(3):
+            down += [nn.Conv2d(width, width, 3, 2, 1), block(width, width)]
+            up += [nn.Upsample(scale_factor=2), block(width, width)]
+        self.encoder = nn.Sequential(*down, nn.Conv2d(width, latent, 1))
+        self.decoder = nn.Sequential(*up, nn.Conv2d(width, 3, 3, padding=1))
+
+    def forward(self, x):
+        """[N, 3, H, W] -> [N, 3, H, W]"""
+        return self.decoder(self.encoder(x))
+
+
+def build(args) -> tuple[nn.Module, callable, callable]:
+    """(model, loss(images [B, V, 3, H, W], step) -> tensor, round trip(images) -> images)."""
+    if args.arch == "plain":
+        model = PlainAutoencoder()
+
+        def loss(x, step):
+            x = x.flatten(0, 1)
+            r = model(x)
+            return (r - x).abs().mean() + F.mse_loss(r, x)
+
+        return model, loss, lambda x: model(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+    cfg = dict(preset("tiny").vae)
+    if args.latent_channels:
+        cfg["latent_channels"] = args.latent_channels
+    if args.channels:
+        cfg["block_out_channels"] = tuple(int(c) for c in args.channels.split(","))
+    if args.blocks:
+        cfg["block_out_channels"] = tuple(cfg["block_out_channels"][: args.blocks])
+        cfg["down_block_types"] = tuple(cfg["down_block_types"][: args.blocks])
+    model = AutoencoderKLTemporalDecoder(**cfg)
+    if args.norm_groups:
+        swap_group_norms(model, args.norm_groups)
+
+    def loss(x, step):
+        return autoencoder_loss(model, x, torch.Generator().manual_seed(step), 1e-6, 0.0, 1.0)["loss"]
+
+    return model, loss, lambda x: roundtrip(model, x)
+
+
+@torch.no_grad()
+def resize_references(groups: list[torch.Tensor], sizes=(8, 16, 32)) -> dict[int, float]:
+    """PSNR (dB) of the frames against themselves area-downsampled to ``size`` px and bicubic-
+    upsampled back: what a thumbnail of that size keeps, for scale."""
+    x = (torch.cat(groups) + 1) / 2
+    out = {}
+    for size in sizes:
+        up = F.interpolate(F.interpolate(x, size=size, mode="area"), size=x.shape[-1], mode="bicubic").clamp(0, 1)
+        out[size] = round(10 * math.log10(1 / F.mse_loss(up, x).item()), 2)
+    return out
+
+
+@torch.no_grad()
+def psnr(model, trip, groups) -> float:
+    """PSNR (dB) over all frames of the groups, from the pooled MSE on [0, 1] images."""
+    model.eval()
+    mses = [float((((trip(g[None])[0] + 1) / 2).clamp(0, 1) - (g + 1) / 2).pow(2).mean()) for g in groups]
+    model.train()
+    return 10 * math.log10(1 / (sum(mses) / len(mses)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", required=True)
+    p.add_argument("--heldout", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--evals", default="200,400,600")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=1, help="orbits a step (x 8 views)")
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--latent-channels", type=int)
+    p.add_argument("--blocks", type=int)
+    p.add_argument("--channels")
+    p.add_argument("--norm-groups", type=int)
+    p.add_argument("--arch", choices=("svd", "plain"), default="svd")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    train, names = load_orbits(args.train)
+    seen_objects = sorted(set(names))[:4]
+    seen = eval_groups(train[[i for i, n in enumerate(names) if n in seen_objects]])
+    heldout = eval_groups(load_orbits(args.heldout)[0])
+    torch.manual_seed(0)
+    model, loss_fn, trip = build(args)
+    print(json.dumps(dict(name=args.name, orbits=len(train), objects=len(set(names)), seen=seen_objects,
+                          params=sum(q.numel() for q in model.parameters()),
+                          heldout_thumbnail_db=resize_references(heldout))), flush=True)  # fmt: skip
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    evals = {int(s) for s in args.evals.split(",")}
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        x = train[torch.randint(len(train), (args.batch,), generator=g)]
+        x = x[:, training_frame_indices(int(torch.randint(NUM_FRAMES, (), generator=g)))]
+        if args.augment:
+            x = augment(x, g)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step - 1, args.steps, args.lr, 0.05)
+        loss = loss_fn(x, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step in evals:
+            record = dict(name=args.name, step=step, s_per_step=round((time.time() - start) / step, 3),
+                          seen_db=round(psnr(model, trip, seen), 2), heldout_db=round(psnr(model, trip, heldout), 2))  # fmt: skip
+            print(json.dumps(record), flush=True)
+            with torch.no_grad():
+                model.eval()
+                save_roundtrip_picture(args.out / f"{args.name}_{step}.png", heldout[0][None], trip(heldout[0][None]))
+                model.train()
+
+
+if __name__ == "__main__":
+    main()
