@@ -42,7 +42,7 @@ from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 from data_pipeline.conventions import NUM_FRAMES, training_frame_indices  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
 from model.config import preset  # noqa: E402
-from training.autoencoder import autoencoder_loss, cosine_lr, roundtrip, save_roundtrip_picture  # noqa: E402
+from training.autoencoder import autoencoder_loss, cosine_lr, psnr_signed, roundtrip, save_roundtrip_picture  # noqa: E402
 from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
 
 RESOLUTION = 64
@@ -142,21 +142,18 @@ def build(args) -> tuple[nn.Module, callable, callable]:
 def resize_references(groups: list[torch.Tensor], sizes=(8, 16, 32)) -> dict[int, float]:
     """PSNR (dB) of the frames against themselves area-downsampled to ``size`` px and bicubic-
     upsampled back: what a thumbnail of that size keeps, for scale."""
-    x = (torch.cat(groups) + 1) / 2
-    out = {}
-    for size in sizes:
-        up = F.interpolate(F.interpolate(x, size=size, mode="area"), size=x.shape[-1], mode="bicubic").clamp(0, 1)
-        out[size] = round(10 * math.log10(1 / F.mse_loss(up, x).item()), 2)
-    return out
+    x = torch.cat(groups)
+    thumbnail = lambda size: F.interpolate(F.interpolate(x, size=size, mode="area"), size=x.shape[-1], mode="bicubic")  # noqa: E731
+    return {size: round(psnr_signed(thumbnail(size), x), 2) for size in sizes}
 
 
 @torch.no_grad()
 def psnr(model, trip, groups) -> float:
-    """PSNR (dB) over all frames of the groups, from the pooled MSE on [0, 1] images."""
+    """PSNR (dB) over all frames of the groups (``psnr_signed``: [0, 1] images, peak 1)."""
     model.eval()
-    mses = [float((((trip(g[None])[0] + 1) / 2).clamp(0, 1) - (g + 1) / 2).pow(2).mean()) for g in groups]
+    recon = torch.cat([trip(g[None])[0] for g in groups])
     model.train()
-    return 10 * math.log10(1 / (sum(mses) / len(mses)))
+    return psnr_signed(recon, torch.cat(groups))
 
 
 def main() -> None:
