@@ -13,7 +13,10 @@ cosine lr, gradient norm clipped to 1). At each ``--evals`` step it prints one J
 trip PSNR (posterior mode, all frames, both 8-frame groups of each orbit) on held-out shards and
 on the first four training objects (by name), and writes ``<out>/<name>_<step>.png`` (a held-out orbit
 over its round trip). The first line also gives, for scale, the held-out frames' PSNR against
-8, 16 and 32 px thumbnails of themselves upsampled bicubically (``resize_references``).
+8, 16 and 32 px thumbnails of themselves upsampled bicubically (``resize_references``), and the
+best linear code of each latent geometry tried here (``linear_references``: PCA of the non-
+overlapping patches a latent cell covers, fitted on the training frames): a learned autoencoder
+of that latent size that scores below it is not yet using its latent as well as a linear map.
 
 Variants: ``--latent-channels``, ``--blocks`` (3 = 4x downsampling instead of 8x) and
 ``--channels`` are `AutoencoderKLTemporalDecoder` config; two are diagnostics outside it:
@@ -148,6 +151,29 @@ def resize_references(groups: list[torch.Tensor], sizes=(8, 16, 32)) -> dict[int
 
 
 @torch.no_grad()
+def linear_references(train: torch.Tensor, groups: list[torch.Tensor],
+                      geometries=((8, 4), (8, 16), (4, 4))) -> dict[str, float]:
+    """PSNR (dB) of the frames of ``groups`` through the best linear code of each latent geometry.
+
+    A geometry ``(p, k)`` is a latent of ``H/p x W/p`` cells with ``k`` channels, each cell coding
+    the ``p x p`` patch under it: the code is the top ``k`` principal components of all patches of
+    the training frames (``train`` [N, 3, H, W]), decoded by projecting back (``unfold``/``fold``).
+    Keys are latent shapes at 64 px, e.g. ``"8x8x4"``.
+    """
+    x = torch.cat(groups)
+    out = {}
+    for p, k in geometries:
+        patches = lambda im: F.unfold(im, p, stride=p).transpose(1, 2).reshape(-1, 3 * p * p)  # noqa: E731
+        fit = patches(train)
+        mean = fit.mean(0)
+        basis = torch.pca_lowrank(fit - mean, q=k + 8, center=False, niter=6)[2][:, :k]
+        coded = (patches(x) - mean) @ basis @ basis.T + mean
+        recon = F.fold(coded.reshape(len(x), -1, 3 * p * p).transpose(1, 2), x.shape[-2:], p, stride=p)
+        out[f"{x.shape[-1] // p}x{x.shape[-1] // p}x{k}"] = round(psnr_signed(recon, x), 2)
+    return out
+
+
+@torch.no_grad()
 def psnr(model, trip, groups) -> float:
     """PSNR (dB) over all frames of the groups (``psnr_signed``: [0, 1] images, peak 1)."""
     model.eval()
@@ -182,7 +208,8 @@ def main() -> None:
     model, loss_fn, trip = build(args)
     print(json.dumps(dict(name=args.name, orbits=len(train), objects=len(set(names)), seen=seen_objects,
                           params=sum(q.numel() for q in model.parameters()),
-                          heldout_thumbnail_db=resize_references(heldout))), flush=True)  # fmt: skip
+                          heldout_thumbnail_db=resize_references(heldout),
+                          heldout_linear_code_db=linear_references(train.flatten(0, 1), heldout))), flush=True)  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     evals = {int(s) for s in args.evals.split(",")}
