@@ -3,7 +3,8 @@
 SVD's ``AutoencoderKLTemporalDecoder`` (the class the ``full`` preset loads from SVD) at a
 preset's ``vae`` config, trained on the frames of a set of shards as Stable Diffusion's and
 SVD's autoencoders are trained: a reconstruction loss (L1, plus LPIPS with ``--lpips-weight``)
-and a small KL term (SD's ``kl_weight`` 1e-6). The decoder's temporal layers see the 8 views of
+and a small KL term (SD's ``kl_weight`` 1e-6, in SD's units: against the reconstruction summed
+over an image's values, ``kl_term``). The decoder's temporal layers see the 8 views of
 one orbit together, as ``Ouroboros3D.decode_latents`` uses them. At the end the latent
 ``scaling_factor`` is set to ``1 / std`` of the latents of training frames, as Stable Diffusion
 chose its 0.18215.
@@ -78,11 +79,14 @@ def autoencoder_loss(vae, images: torch.Tensor, generator: torch.Generator | Non
                      kl_weight: float, lpips_weight: float = 0.0, mse_weight: float = 0.0) -> dict:
     """SD/SVD autoencoder objective on the views of a batch of orbits.
 
-    ``L = |x - D(z)|_1 + mse_weight |x - D(z)|^2 + lpips_weight LPIPS(x, D(z))
-    + kl_weight KL(q(z|x) || N(0, I))``
+    ``L = mean_values(|x - D(z)| + mse_weight (x - D(z))^2) + lpips_weight LPIPS(x, D(z))
+    + kl_weight KL(q(z|x) || N(0, I)) / (3 H W)``
     with ``z ~ q(z|x)``, the decoder's temporal layers run over the V views of each orbit,
-    KL summed over latent elements and averaged over images (SD's ``LPIPSWithDiscriminator``
-    without its adversarial term).
+    KL summed over latent elements and averaged over images: SD's ``LPIPSWithDiscriminator``
+    without its adversarial term, divided through by the values of an image. SD sums the
+    reconstruction over an image's values and adds ``kl_weight x KL`` per image; here the
+    reconstruction is a per-value mean, so the KL is divided by ``3 H W`` (``kl_term``) and
+    ``kl_weight`` means what it means in SD's config (1e-6).
 
     Args:
         images: [B, V, 3, H, W] in [-1, 1].
@@ -102,9 +106,18 @@ def autoencoder_loss(vae, images: torch.Tensor, generator: torch.Generator | Non
         from model.lgm.loss import lpips_distance
 
         lp = lpips_distance(((recon + 1) / 2).clamp(0, 1), (x + 1) / 2)
-    loss = l1 + mse_weight * mse + lpips_weight * lp + kl_weight * kl
+    loss = l1 + mse_weight * mse + lpips_weight * lp + kl_term(kl, x[0].numel(), kl_weight)
     return dict(loss=loss, l1=l1.detach(), mse=mse.detach(), kl=kl.detach(),
                 lpips=lp.detach(), recon=recon.detach().unflatten(0, (B, V)))  # fmt: skip
+
+
+def kl_term(kl_per_image: torch.Tensor, values_per_image: int, kl_weight: float) -> torch.Tensor:
+    """The KL term of ``autoencoder_loss``, whose reconstruction loss is a per-value mean.
+
+    SD's objective is ``sum_values(rec) + kl_weight KL`` per image; divided through by the
+    values of an image (``3 H W``) it becomes ``mean_values(rec) + kl_weight KL / (3 H W)``.
+    """
+    return kl_weight * kl_per_image / values_per_image
 
 
 def psnr_signed(pred: torch.Tensor, target: torch.Tensor) -> float:
