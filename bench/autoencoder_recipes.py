@@ -2,14 +2,14 @@
 
     python bench/autoencoder_recipes.py --train '<dir>/shard-*.tar' --heldout '<dir>/shard-*.tar' \
         --name base --steps 600 --evals 200,400,600 [--latent-channels 16] [--blocks 3] \
-        [--channels 64,64,64,64] [--norm-groups 8] [--arch plain] [--no-augment] [--lr 2e-3]
+        [--channels 64,64,64,64] [--norm-groups 8] [--arch plain|linear] [--no-augment] [--lr 2e-3]
 
 Every orbit of the training shards is held in memory at 64 px (composited and resized as the
 loader does); a step takes one orbit (``--batch``), a random start frame and its 8 training
 views (``training_frame_indices``), with colour augmentation unless ``--no-augment`` (mirror,
 channel permutation, hue rotation about the grey axis), and applies the objective of
-``python -m training.autoencoder`` (``autoencoder_loss``: L1 + squared error + KL 1e-6, AdamW,
-cosine lr, gradient norm clipped to 1). At each ``--evals`` step it prints one JSON line: round-
+``python -m training.autoencoder`` (``autoencoder_loss``: L1 + squared error + KL 1e-6 in SD's
+units, AdamW, cosine lr, gradient norm clipped to 1). At each ``--evals`` step it prints one JSON line: round-
 trip PSNR (posterior mode, all frames, both 8-frame groups of each orbit) on held-out shards and
 on the first four training objects (by name), and writes ``<out>/<name>_<step>.png`` (a held-out orbit
 over its round trip). The first line also gives, for scale, the held-out frames' PSNR against
@@ -22,7 +22,9 @@ Variants: ``--latent-channels``, ``--blocks`` (3 = 4x downsampling instead of 8x
 ``--channels`` are `AutoencoderKLTemporalDecoder` config; two are diagnostics outside it:
 ``--norm-groups`` swaps every GroupNorm for one with that many groups (the class fixes 32, one
 channel a group at the tiny width), ``--arch plain`` a plain convolutional autoencoder without
-normalisation or a temporal decoder (same 8x8x4 latent) as a reference for how hard the task is.
+normalisation or a temporal decoder (same 8x8 latent) as a reference for how hard the task is,
+``--arch linear`` a linear code of 8x8 patches (``--latent-channels`` numbers each) trained by the
+same loop: how fast this data and loop teach a code of that size, against PCA's optimum.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def swap_group_norms(module: nn.Module, groups: int) -> None:
 
 
 class PlainAutoencoder(nn.Module):
-    """Reference: convolutions and SiLU only, 3 stride-2 downsamplings to an 8x8x4 latent."""
+    """Reference: convolutions and SiLU only, 3 stride-2 downsamplings to an 8x8 latent."""
 
     def __init__(self, width: int = 32, latent: int = 4):
         super().__init__()
@@ -112,10 +114,25 @@ class PlainAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+class LinearAutoencoder(nn.Module):
+    """Reference: a linear code of each 8x8 patch (stride-8 convolution, its transpose back),
+    the geometry of ``linear_references``'s PCA, trained by the same loop as the others."""
+
+    def __init__(self, latent: int = 4, patch: int = 8):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, latent, patch, patch)
+        self.decoder = nn.ConvTranspose2d(latent, 3, patch, patch)
+
+    def forward(self, x):
+        """[N, 3, H, W] -> [N, 3, H, W]"""
+        return self.decoder(self.encoder(x))
+
+
 def build(args) -> tuple[nn.Module, callable, callable]:
     """(model, loss(images [B, V, 3, H, W], step) -> tensor, round trip(images) -> images)."""
-    if args.arch == "plain":
-        model = PlainAutoencoder()
+    if args.arch in ("plain", "linear"):
+        latent = args.latent_channels or 4
+        model = PlainAutoencoder(latent=latent) if args.arch == "plain" else LinearAutoencoder(latent=latent)
 
         def loss(x, step):
             x = x.flatten(0, 1)
@@ -197,7 +214,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int)
     p.add_argument("--channels")
     p.add_argument("--norm-groups", type=int)
-    p.add_argument("--arch", choices=("svd", "plain"), default="svd")
+    p.add_argument("--arch", choices=("svd", "plain", "linear"), default="svd")
     args = p.parse_args()
     torch.set_num_threads(1)
     train, names = load_orbits(args.train)
