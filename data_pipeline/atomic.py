@@ -1,7 +1,9 @@
 """Atomic file writes: a temporary file in the target's folder, renamed onto it when complete.
 
 A reader never sees a half-written file under its final name, and a failed write leaves the
-previous version (if any) untouched and no temporary file behind.
+previous version (if any) untouched and no temporary file behind. A killed process (SIGKILL)
+cannot clean up: its single writer removes such leftovers when it starts again
+(``remove_stale_temporaries``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(path: str | Path, suffix: str = ".tmp") -> list[Path]:
+    """Delete the temporary files that ``atomic_path(path, suffix)`` left beside ``path`` when its
+    process was killed mid-write; returns them. Only for the file's single writer, at its start."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*{suffix}"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_pipeline.atomic import atomic_write_text
+from data_pipeline.atomic import atomic_write_text, remove_stale_temporaries
 from data_pipeline.contact_sheet import write_contact_sheet
 from data_pipeline.conventions import key_uid
 from data_pipeline.manifest import (
@@ -201,6 +201,7 @@ def run_job(records: list[ObjectRecord], config: JobConfig,
     if duplicates:
         raise ValueError(f"{duplicates} objects share a uid: uids must be unique")
 
+    remove_stale_temporaries(manifest_path)  # a manifest write cut short by a kill
     rows = read_manifest(manifest_path)
     merge_records(rows, records, filtered)
     reconcile_shards(rows, output)

@@ -101,3 +101,21 @@ def test_reconcile_adopts_orphan_shards_and_resets_missing_ones(tmp_path):
     assert rows["a"].status == "done" and rows["a"].shard == "shard-000000.tar"
     assert rows["b"].status == "done" and rows["b"].shard == "shard-000001.tar"
     assert rows["c"].status == "pending" and "shard-000009.tar missing" in rows["c"].reason
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_and_nothing_else(tmp_path):
+    """What ``atomic_path`` leaves when its process is killed mid-write is found by its naming
+    (``.<name>.<random>.tmp``) and removed; the file itself and others' temporaries stay."""
+    from data_pipeline.atomic import atomic_path, remove_stale_temporaries
+
+    manifest = tmp_path / "manifest.parquet"
+    manifest.write_bytes(b"kept")
+    with atomic_path(manifest) as tmp:  # a write cut short: the temporary exists, as after SIGKILL
+        leftover = tmp.with_name(tmp.name.replace(".tmp", "x.tmp"))
+        tmp.rename(leftover)
+        tmp.write_bytes(b"new")
+    others = [tmp_path / "shard-000000.tar.tmp", tmp_path / ".summary.json.abc.tmp"]
+    for other in others:
+        other.write_bytes(b"")
+    assert remove_stale_temporaries(manifest) == [leftover]
+    assert not leftover.exists() and manifest.read_bytes() == b"new" and all(o.exists() for o in others)
