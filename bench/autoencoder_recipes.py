@@ -3,6 +3,11 @@
     python bench/autoencoder_recipes.py --train '<dir>/shard-*.tar' --heldout '<dir>/shard-*.tar' \
         --name base --steps 600 --evals 200,400,600 [--latent-channels 16] [--blocks 3] \
         [--channels 64,64,64,64] [--norm-groups 8] [--arch plain|linear] [--no-augment] [--lr 2e-3]
+    python bench/autoencoder_recipes.py --frames frames.pt --device cuda --name base --steps 20000 ...
+
+``--frames`` caches both frame sets (uint8, 26 MB for 64 objects; written on the first run,
+read instead of the shards when it exists), so that a machine without the shards or Blender,
+a lent GPU, runs the same recipes on the same frames (``--device cuda``).
 
 Every orbit of the training shards is held in memory at 64 px (composited and resized as the
 loader does); a step takes one orbit (``--batch``), a random start frame and its 8 training
@@ -44,6 +49,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 
+from data_pipeline.atomic import atomic_path  # noqa: E402
 from data_pipeline.conventions import NUM_FRAMES, training_frame_indices  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
 from model.config import preset  # noqa: E402
@@ -66,6 +72,26 @@ def load_orbits(pattern: str, background: float = 1.0) -> tuple[torch.Tensor, li
     return torch.stack(orbits), names
 
 
+def load_frames(args) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """(training orbits, their object names, held-out orbits), each [N, 16, 3, 64, 64] in [-1, 1]:
+    from ``args.frames`` if that file exists, else from the shards (then cached there as uint8,
+    26 MB for 64 objects, so that a machine without the shards can run the same recipes)."""
+    if args.frames and args.frames.exists():
+        cache = torch.load(args.frames, weights_only=True)
+        if not isinstance(cache, dict) or {"train", "names", "heldout"} - set(cache):
+            raise SystemExit(f"{args.frames}: not a frame cache written by this script")
+        return (cache["train"].float() / 127.5 - 1, cache["names"], cache["heldout"].float() / 127.5 - 1)
+    if not (args.train and args.heldout):
+        raise SystemExit("--train and --heldout are needed unless --frames names an existing cache")
+    train, names = load_orbits(args.train)
+    heldout = load_orbits(args.heldout)[0]
+    if args.frames:
+        to_u8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
+        with atomic_path(args.frames, suffix=".pt") as tmp:
+            torch.save(dict(train=to_u8(train), names=names, heldout=to_u8(heldout)), tmp)
+    return train, names, heldout
+
+
 def eval_groups(orbits: torch.Tensor) -> list[torch.Tensor]:
     """Both 8-frame training groups of every orbit: a list of [8, 3, H, W]."""
     return [o[training_frame_indices(s)] for o in orbits for s in (0, 1)]
@@ -80,7 +106,7 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     k = torch.ones(3) / math.sqrt(3)
     K = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
     R = torch.eye(3) + math.sin(theta) * K + (1 - math.cos(theta)) * K @ K  # Rodrigues
-    return torch.einsum("ij,bvjhw->bvihw", R, (x + 1) / 2).clamp(0, 1) * 2 - 1
+    return torch.einsum("ij,bvjhw->bvihw", R.to(x), (x + 1) / 2).clamp(0, 1) * 2 - 1
 
 
 def swap_group_norms(module: nn.Module, groups: int) -> None:
@@ -201,8 +227,11 @@ def psnr(model, trip, groups) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train", required=True)
-    p.add_argument("--heldout", required=True)
+    p.add_argument("--train", help="training shards (not read when --frames exists)")
+    p.add_argument("--heldout", help="held-out shards (likewise)")
+    p.add_argument("--frames", type=Path, help="cache of both frame sets: read if it exists, else written")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda where there is a GPU")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--name", required=True)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--steps", type=int, default=600)
@@ -216,23 +245,26 @@ def main() -> None:
     p.add_argument("--norm-groups", type=int)
     p.add_argument("--arch", choices=("svd", "plain", "linear"), default="svd")
     args = p.parse_args()
-    torch.set_num_threads(1)
-    train, names = load_orbits(args.train)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    train, names, heldout_orbits = load_frames(args)
     seen_objects = sorted(set(names))[:4]
-    seen = eval_groups(train[[i for i, n in enumerate(names) if n in seen_objects]])
-    heldout = eval_groups(load_orbits(args.heldout)[0])
+    seen = eval_groups(train[[i for i, n in enumerate(names) if n in seen_objects]].to(device))
+    heldout = eval_groups(heldout_orbits.to(device))
     torch.manual_seed(0)
     model, loss_fn, trip = build(args)
+    model.to(device)
     print(json.dumps(dict(name=args.name, orbits=len(train), objects=len(set(names)), seen=seen_objects,
                           params=sum(q.numel() for q in model.parameters()),
                           heldout_thumbnail_db=resize_references(heldout),
-                          heldout_linear_code_db=linear_references(train.flatten(0, 1), heldout))), flush=True)  # fmt: skip
+                          heldout_linear_code_db=linear_references(train.flatten(0, 1), [h.cpu() for h in heldout]))), flush=True)  # fmt: skip
+    train = train.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     evals = {int(s) for s in args.evals.split(",")}
     start = time.time()
     for step in range(1, args.steps + 1):
-        x = train[torch.randint(len(train), (args.batch,), generator=g)]
+        x = train[torch.randint(len(train), (args.batch,), generator=g).to(device)]
         x = x[:, training_frame_indices(int(torch.randint(NUM_FRAMES, (), generator=g)))]
         if args.augment:
             x = augment(x, g)
@@ -249,7 +281,7 @@ def main() -> None:
             print(json.dumps(record), flush=True)
             with torch.no_grad():
                 model.eval()
-                save_roundtrip_picture(args.out / f"{args.name}_{step}.png", heldout[0][None], trip(heldout[0][None]))
+                save_roundtrip_picture(args.out / f"{args.name}_{step}.png", heldout[0][None].cpu(), trip(heldout[0][None]).cpu())
                 model.train()
 
 

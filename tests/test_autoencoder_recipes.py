@@ -1,0 +1,40 @@
+"""bench/autoencoder_recipes.py: the frame cache that lets a machine without the shards (a GPU
+one) run the same recipes gives the same frames, and a file that is not a cache is refused."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "autoencoder_recipes.py"
+
+
+def run_recipe(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--name", "t", "--steps", "2", "--evals", "2", *args],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_frame_cache_round_trips_and_bad_cache_is_refused(demo_shards, tmp_path):
+    shards = str(demo_shards / "shard-*.tar")
+    cache = tmp_path / "frames.pt"
+    first = run_recipe("--train", shards, "--heldout", shards, "--frames", str(cache), "--out", str(tmp_path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert cache.exists()
+    again = run_recipe("--frames", str(cache), "--out", str(tmp_path))  # no shards named: the cache alone
+    assert again.returncode == 0, again.stderr[-2000:]
+    head_a, head_b = (json.loads(p.stdout.splitlines()[0]) for p in (first, again))
+    assert head_a["orbits"] == head_b["orbits"] == 8 and head_a["seen"] == head_b["seen"]
+    for key in ("heldout_thumbnail_db", "heldout_linear_code_db"):  # uint8 storage: within 0.05 dB
+        for size, db in head_a[key].items():
+            assert abs(db - head_b[key][size]) < 0.05, (key, size, db, head_b[key][size])
+    evals = [json.loads(line) for line in again.stdout.splitlines()[1:]]
+    assert evals and evals[-1]["step"] == 2 and 5 < evals[-1]["heldout_db"] < 40
+    assert (tmp_path / "t_2.png").exists()
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"train": torch.zeros(1)}, bad)
+    refused = run_recipe("--frames", str(bad), "--out", str(tmp_path))
+    assert refused.returncode != 0 and "bad.pt: not a frame cache" in refused.stderr
