@@ -5,7 +5,7 @@
         [--channels 64,64,64,64] [--norm-groups 8] [--arch plain|linear] [--no-augment] [--lr 2e-3]
     python bench/autoencoder_recipes.py --frames frames.pt --device cuda --name base --steps 20000 ...
 
-``--frames`` caches both frame sets (uint8, 26 MB for 64 objects; written on the first run,
+``--frames`` caches both frame sets (uint8, 27 MB for 64 objects; written on the first run,
 read instead of the shards when it exists), so that a machine without the shards or Blender,
 a lent GPU, runs the same recipes on the same frames (``--device cuda``).
 
@@ -75,7 +75,7 @@ def load_orbits(pattern: str, background: float = 1.0) -> tuple[torch.Tensor, li
 def load_frames(args) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """(training orbits, their object names, held-out orbits), each [N, 16, 3, 64, 64] in [-1, 1]:
     from ``args.frames`` if that file exists, else from the shards (then cached there as uint8,
-    26 MB for 64 objects, so that a machine without the shards can run the same recipes)."""
+    27 MB for 64 objects, so that a machine without the shards can run the same recipes)."""
     if args.frames and args.frames.exists():
         cache = torch.load(args.frames, weights_only=True)
         if not isinstance(cache, dict) or {"train", "names", "heldout"} - set(cache):
