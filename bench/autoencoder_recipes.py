@@ -15,9 +15,9 @@ views (``training_frame_indices``), with colour augmentation unless ``--no-augme
 channel permutation, hue rotation about the grey axis), and applies the objective of
 ``python -m training.autoencoder`` (``autoencoder_loss``: L1 + squared error + KL 1e-6 in SD's
 units, AdamW, cosine lr, gradient norm clipped to 1). At each ``--evals`` step it prints one
-JSON line: round-trip PSNR (posterior mode, all frames, both 8-frame groups of each orbit) on held-out shards and
-on the first four training objects (by name), and writes ``<out>/<name>_<step>.png`` (a held-out orbit
-over its round trip). The first line also gives, for scale, the held-out frames' PSNR against
+JSON line: round-trip PSNR (posterior mode, all frames, both 8-frame groups of each orbit) on
+held-out shards and on the first four training objects (by name), and writes
+``<out>/<name>_<step>.png`` (a held-out orbit over its round trip). The first line also gives, for scale, the held-out frames' PSNR against
 8, 16 and 32 px thumbnails of themselves upsampled bicubically (``resize_references``), and the
 best linear code of each latent geometry tried here (``linear_references``: PCA of the non-
 overlapping patches a latent cell covers, fitted on the training frames): a learned autoencoder
