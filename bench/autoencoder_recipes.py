@@ -2,7 +2,8 @@
 
     python bench/autoencoder_recipes.py --train '<dir>/shard-*.tar' --heldout '<dir>/shard-*.tar' \
         --name base --steps 600 --evals 200,400,600 [--latent-channels 16] [--blocks 3] \
-        [--channels 64,64,64,64] [--norm-groups 8] [--arch plain|linear] [--no-augment] [--lr 2e-3]
+        [--channels 64,64,64,64] [--norm-groups 8] [--arch plain|linear] [--posterior mode] \
+        [--no-augment] [--lr 2e-3]
     python bench/autoencoder_recipes.py --frames frames.pt --device cuda --name base --steps 20000 ...
 
 ``--frames`` caches both frame sets (uint8, 27 MB for 64 objects; written on the first run,
@@ -29,7 +30,8 @@ Variants: ``--latent-channels``, ``--blocks`` (3 = 4x downsampling instead of 8x
 channel a group at the tiny width), ``--arch plain`` a plain convolutional autoencoder without
 normalisation or a temporal decoder (same 8x8 latent) as a reference for how hard the task is,
 ``--arch linear`` a linear code of 8x8 patches (``--latent-channels`` numbers each) trained by the
-same loop: how fast this data and loop teach a code of that size, against PCA's optimum.
+same loop: how fast this data and loop teach a code of that size, against PCA's optimum;
+``--posterior mode`` decodes the posterior mean and drops the KL: what the sampling noise costs.
 """
 
 from __future__ import annotations
@@ -179,6 +181,10 @@ def build(args) -> tuple[nn.Module, callable, callable]:
         swap_group_norms(model, args.norm_groups)
 
     def loss(x, step):
+        if args.posterior == "mode":
+            z = model.encode(x.flatten(0, 1)).latent_dist.mode()
+            r = model.decode(z, num_frames=x.shape[1]).sample
+            return (r - x.flatten(0, 1)).abs().mean() + F.mse_loss(r, x.flatten(0, 1))
         return autoencoder_loss(model, x, torch.Generator().manual_seed(step), 1e-6, 0.0, 1.0)["loss"]
 
     return model, loss, lambda x: roundtrip(model, x)
@@ -244,6 +250,8 @@ def main() -> None:
     p.add_argument("--channels")
     p.add_argument("--norm-groups", type=int)
     p.add_argument("--arch", choices=("svd", "plain", "linear"), default="svd")
+    p.add_argument("--posterior", choices=("sample", "mode"), default="sample",
+                   help="mode: decode the posterior mean, no KL (diagnostic: the posterior noise's cost)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
