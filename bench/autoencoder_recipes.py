@@ -17,8 +17,11 @@ channel permutation, hue rotation about the grey axis), and applies the objectiv
 ``python -m training.autoencoder`` (``autoencoder_loss``: L1 + squared error + KL 1e-6 in SD's
 units, AdamW, cosine lr, gradient norm clipped to 1). At each ``--evals`` step it prints one
 JSON line: round-trip PSNR (posterior mode, all frames, both 8-frame groups of each orbit) on
-held-out shards and on the first four training objects (by name), and writes
-``<out>/<name>_<step>.png`` (a held-out orbit over its round trip). The first line also gives, for scale, the held-out frames' PSNR against
+held-out shards and on the first four training objects (by name), with its luma and chroma
+parts (``luma_chroma_psnr``: where the colour goes), and writes
+``<out>/<name>_<step>.png`` (a held-out orbit over its round trip). The first line also gives,
+for scale, the chroma dB of the held-out frames' own greyscale (``grey_chroma_reference``: no
+colour kept), their PSNR against
 8, 16 and 32 px thumbnails of themselves upsampled bicubically (``resize_references``), and the
 best linear code of each latent geometry tried here (``linear_references``: PCA of the non-
 overlapping patches a latent cell covers, fitted on the training frames): a learned autoencoder
@@ -222,13 +225,43 @@ def linear_references(train: torch.Tensor, groups: list[torch.Tensor],
     return out
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights of R, G, B
+
+
+def luma_chroma_psnr(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """(luma dB, chroma dB) of images [..., 3, H, W] in [-1, 1], measured on [0, 1] (peak 1).
+
+    Luma ``Y = 0.299 R + 0.587 G + 0.114 B``; chroma the three channels minus their luma. A round
+    trip that keeps brightness and greys the colours scores high on the first and low on the
+    second: how much of an autoencoder's error is lost colour.
+    """
+    def split(x):
+        x = ((x + 1) / 2).clamp(0, 1)
+        y = torch.einsum("c,...chw->...hw", torch.tensor(LUMA).to(x), x).unsqueeze(-3)
+        return y, x - y
+
+    db = lambda mse: 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")  # noqa: E731
+    (py, pc), (ty, tc) = split(pred), split(target)
+    return db(F.mse_loss(py, ty).item()), db(F.mse_loss(pc, tc).item())
+
+
+def grey_chroma_reference(groups: list[torch.Tensor]) -> float:
+    """Chroma dB (``luma_chroma_psnr``) of the frames against their own greyscale: what a round
+    trip that keeps no colour at all scores there."""
+    x = torch.cat(groups)
+    y = torch.einsum("c,nchw->nhw", torch.tensor(LUMA).to(x), (x + 1) / 2)[:, None].expand_as(x)
+    return luma_chroma_psnr(y * 2 - 1, x)[1]
+
+
 @torch.no_grad()
-def psnr(model, trip, groups) -> float:
-    """PSNR (dB) over all frames of the groups (``psnr_signed``: [0, 1] images, peak 1)."""
+def psnr(model, trip, groups) -> dict[str, float]:
+    """PSNR (dB) over all frames of the groups (``psnr_signed``: [0, 1] images, peak 1), and
+    its luma and chroma parts (``luma_chroma_psnr``)."""
     model.eval()
-    recon = torch.cat([trip(g[None])[0] for g in groups])
+    recon, target = torch.cat([trip(g[None])[0] for g in groups]), torch.cat(groups)
     model.train()
-    return psnr_signed(recon, torch.cat(groups))
+    luma, chroma = luma_chroma_psnr(recon, target)
+    return dict(db=round(psnr_signed(recon, target), 2), luma_db=round(luma, 2), chroma_db=round(chroma, 2))
 
 
 def main() -> None:
@@ -265,6 +298,7 @@ def main() -> None:
     print(json.dumps(dict(name=args.name, orbits=len(train), objects=len(set(names)), seen=seen_objects,
                           params=sum(q.numel() for q in model.parameters()),
                           heldout_thumbnail_db=resize_references(heldout),
+                          heldout_grey_chroma_db=round(grey_chroma_reference(heldout), 2),
                           heldout_linear_code_db=linear_references(train.flatten(0, 1), [h.cpu() for h in heldout]))), flush=True)  # fmt: skip
     train = train.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -284,8 +318,9 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step in evals:
-            record = dict(name=args.name, step=step, s_per_step=round((time.time() - start) / step, 3),
-                          seen_db=round(psnr(model, trip, seen), 2), heldout_db=round(psnr(model, trip, heldout), 2))  # fmt: skip
+            record = dict(name=args.name, step=step, s_per_step=round((time.time() - start) / step, 3))
+            for split, groups in (("seen", seen), ("heldout", heldout)):
+                record.update({f"{split}_{k}": v for k, v in psnr(model, trip, groups).items()})
             print(json.dumps(record), flush=True)
             with torch.no_grad():
                 model.eval()
