@@ -3,7 +3,7 @@
     python bench/autoencoder_recipes.py --train '<dir>/shard-*.tar' --heldout '<dir>/shard-*.tar' \
         --name base --steps 600 --evals 200,400,600 [--latent-channels 16] [--blocks 3] \
         [--channels 64,64,64,64] [--norm-groups 8] [--arch plain|linear] [--posterior mode] \
-        [--no-augment] [--lr 2e-3]
+        [--augment step|orbit|view|none] [--init linear-path] [--lr 2e-3]
     python bench/autoencoder_recipes.py --frames frames.pt --device cuda --name base --steps 20000 ...
 
 ``--frames`` caches both frame sets (uint8, 27 MB for 64 objects; written on the first run,
@@ -12,8 +12,9 @@ a lent GPU, runs the same recipes on the same frames (``--device cuda``).
 
 Every orbit of the training shards is held in memory at 64 px (composited and resized as the
 loader does); a step takes one orbit (``--batch``), a random start frame and its 8 training
-views (``training_frame_indices``), with colour augmentation unless ``--no-augment`` (mirror,
-channel permutation, hue rotation about the grey axis), and applies the objective of
+views (``training_frame_indices``), with colour augmentation (mirror, channel permutation, hue
+rotation about the grey axis; ``--augment``: drawn once a step, an orbit or a view, or none), and
+applies the objective of
 ``python -m training.autoencoder`` (``autoencoder_loss``: L1 + squared error + KL 1e-6 in SD's
 units, AdamW, cosine lr, gradient norm clipped to 1). At each ``--evals`` step it prints one
 JSON line: round-trip PSNR (posterior mode, all frames, both 8-frame groups of each orbit) on
@@ -34,7 +35,9 @@ channel a group at the tiny width), ``--arch plain`` a plain convolutional autoe
 normalisation or a temporal decoder (same 8x8 latent) as a reference for how hard the task is,
 ``--arch linear`` a linear code of 8x8 patches (``--latent-channels`` numbers each) trained by the
 same loop: how fast this data and loop teach a code of that size, against PCA's optimum;
-``--posterior mode`` decodes the posterior mean and drops the KL: what the sampling noise costs.
+``--posterior mode`` decodes the posterior mean and drops the KL: what the sampling noise costs;
+``--init linear-path`` starts the class as a short variance-preserving linear chain
+(``init_linear_path``) instead of PyTorch's default initialisation.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ from data_pipeline.atomic import atomic_path  # noqa: E402
 from data_pipeline.conventions import NUM_FRAMES, training_frame_indices  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
 from model.config import preset  # noqa: E402
-from training.autoencoder import autoencoder_loss, cosine_lr, psnr_signed, roundtrip, save_roundtrip_picture  # noqa: E402
+from training.autoencoder import (  # noqa: E402
+    autoencoder_loss, chroma, cosine_lr, luma, psnr_signed, roundtrip, save_roundtrip_picture)
 from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
 
 RESOLUTION = 64
@@ -112,6 +116,38 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     K = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
     R = torch.eye(3) + math.sin(theta) * K + (1 - math.cos(theta)) * K @ K  # Rodrigues
     return torch.einsum("ij,bvjhw->bvihw", R.to(x), (x + 1) / 2).clamp(0, 1) * 2 - 1
+
+
+def augment_views(x: torch.Tensor, g: torch.Generator, per: str) -> torch.Tensor:
+    """``augment`` drawn once per step (``per="step"``: every orbit of the batch the same colours),
+    once per orbit, or once per view of [B, V, 3, H, W]."""
+    if per == "step":
+        return augment(x, g)
+    if per == "orbit":
+        return torch.cat([augment(x[b : b + 1], g) for b in range(x.shape[0])])
+    return torch.stack([torch.cat([augment(x[b : b + 1, v : v + 1], g) for v in range(x.shape[1])], 1)[0]
+                        for b in range(x.shape[0])])
+
+
+def init_linear_path(model: nn.Module) -> None:
+    """Re-initialise ``AutoencoderKLTemporalDecoder`` so that it starts as a short linear chain:
+    the last convolution of every residual branch (``conv2``) and every attention output
+    projection zero (each block the identity), every other convolution and projection
+    variance-preserving (``kaiming_normal_``, linear gain; biases zero), the decoder's
+    ``time_conv_out`` the identity over time. PyTorch's default (variance ``1 / (3 fan_in)``)
+    shrinks the signal a third at every layer of the path from pixels to latent and back."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+            if name.endswith("conv2") or name.endswith("to_out.0"):
+                nn.init.zeros_(mod.weight)
+            else:
+                nn.init.kaiming_normal_(mod.weight, nonlinearity="linear")
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+    w = model.decoder.time_conv_out.weight
+    with torch.no_grad():
+        w.zero_()
+        w[:, :, w.shape[2] // 2, 0, 0] = torch.eye(w.shape[0])
 
 
 def swap_group_norms(module: nn.Module, groups: int) -> None:
@@ -182,13 +218,16 @@ def build(args) -> tuple[nn.Module, callable, callable]:
     model = AutoencoderKLTemporalDecoder(**cfg)
     if args.norm_groups:
         swap_group_norms(model, args.norm_groups)
+    if args.init == "linear-path":
+        init_linear_path(model)
 
     def loss(x, step):
         if args.posterior == "mode":
             z = model.encode(x.flatten(0, 1)).latent_dist.mode()
-            r = model.decode(z, num_frames=x.shape[1]).sample
-            return (r - x.flatten(0, 1)).abs().mean() + F.mse_loss(r, x.flatten(0, 1))
-        return autoencoder_loss(model, x, torch.Generator().manual_seed(step), 1e-6, 0.0, 1.0)["loss"]
+            err = model.decode(z, num_frames=x.shape[1]).sample - x.flatten(0, 1)
+            return err.abs().mean() + err.square().mean() + args.chroma_weight * chroma(err).square().mean()
+        generator = torch.Generator().manual_seed(step)
+        return autoencoder_loss(model, x, generator, 1e-6, 0.0, 1.0, args.chroma_weight)["loss"]
 
     return model, loss, lambda x: roundtrip(model, x)
 
@@ -225,20 +264,17 @@ def linear_references(train: torch.Tensor, groups: list[torch.Tensor],
     return out
 
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights of R, G, B
-
-
 def luma_chroma_psnr(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     """(luma dB, chroma dB) of images [..., 3, H, W] in [-1, 1], measured on [0, 1] (peak 1).
 
-    Luma ``Y = 0.299 R + 0.587 G + 0.114 B``; chroma the three channels minus their luma. A round
+    Luma ``Y = 0.299 R + 0.587 G + 0.114 B``; chroma the three channels minus their luma
+    (``training.autoencoder.luma``, ``chroma``). A round
     trip that keeps brightness and greys the colours scores high on the first and low on the
     second: how much of an autoencoder's error is lost colour.
     """
     def split(x):
         x = ((x + 1) / 2).clamp(0, 1)
-        y = torch.einsum("c,...chw->...hw", torch.tensor(LUMA).to(x), x).unsqueeze(-3)
-        return y, x - y
+        return luma(x), chroma(x)
 
     db = lambda mse: 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")  # noqa: E731
     (py, pc), (ty, tc) = split(pred), split(target)
@@ -249,8 +285,7 @@ def grey_chroma_reference(groups: list[torch.Tensor]) -> float:
     """Chroma dB (``luma_chroma_psnr``) of the frames against their own greyscale: what a round
     trip that keeps no colour at all scores there."""
     x = torch.cat(groups)
-    y = torch.einsum("c,nchw->nhw", torch.tensor(LUMA).to(x), (x + 1) / 2)[:, None].expand_as(x)
-    return luma_chroma_psnr(y * 2 - 1, x)[1]
+    return luma_chroma_psnr(luma((x + 1) / 2).expand_as(x) * 2 - 1, x)[1]
 
 
 @torch.no_grad()
@@ -264,6 +299,23 @@ def psnr(model, trip, groups) -> dict[str, float]:
     return dict(db=round(psnr_signed(recon, target), 2), luma_db=round(luma, 2), chroma_db=round(chroma, 2))
 
 
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe's flags (model variant, objective, augmentation, lr), shared with
+    ``bench/autoencoder_one_orbit.py``."""
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--augment", choices=("step", "orbit", "view", "none"), default="step",
+                   help="colour augmentation drawn once a step (every orbit alike), an orbit, or a view")
+    p.add_argument("--latent-channels", type=int)
+    p.add_argument("--blocks", type=int)
+    p.add_argument("--channels")
+    p.add_argument("--norm-groups", type=int)
+    p.add_argument("--chroma-weight", type=float, default=0.0, help="autoencoder_loss's extra colour term")
+    p.add_argument("--init", choices=("default", "linear-path"), default="default")
+    p.add_argument("--arch", choices=("svd", "plain", "linear"), default="svd")
+    p.add_argument("--posterior", choices=("sample", "mode"), default="sample",
+                   help="mode: decode the posterior mean, no KL (diagnostic: the posterior noise's cost)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", help="training shards (not read when --frames exists)")
@@ -275,16 +327,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--evals", default="200,400,600")
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch", type=int, default=1, help="orbits a step (x 8 views)")
-    p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--latent-channels", type=int)
-    p.add_argument("--blocks", type=int)
-    p.add_argument("--channels")
-    p.add_argument("--norm-groups", type=int)
-    p.add_argument("--arch", choices=("svd", "plain", "linear"), default="svd")
-    p.add_argument("--posterior", choices=("sample", "mode"), default="sample",
-                   help="mode: decode the posterior mean, no KL (diagnostic: the posterior noise's cost)")
+    add_recipe_arguments(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -308,8 +352,8 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         x = train[torch.randint(len(train), (args.batch,), generator=g).to(device)]
         x = x[:, training_frame_indices(int(torch.randint(NUM_FRAMES, (), generator=g)))]
-        if args.augment:
-            x = augment(x, g)
+        if args.augment != "none":
+            x = augment_views(x, g, args.augment)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step - 1, args.steps, args.lr, 0.05)
         loss = loss_fn(x, step)

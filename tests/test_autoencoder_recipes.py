@@ -53,3 +53,49 @@ def test_luma_chroma_split_separates_lost_colour_from_lost_brightness():
     dim = red * 0.5  # the same hue at half brightness: both parts lose
     luma_db, chroma_db = luma_chroma_psnr(dim * 2 - 1, red * 2 - 1)
     assert abs(luma_db - 10 * math.log10(1 / 0.1495**2)) < 1e-3 and chroma_db < 20
+
+
+def test_augment_views_draws_colours_per_step_orbit_or_view():
+    from bench.autoencoder_recipes import augment_views
+
+    x = torch.zeros(2, 4, 3, 2, 2)
+    x[:, :, 0] = 0.2  # every view of both orbits the same pale red (no channel clamps when rotated)
+    x[:, :, 1:] = -0.1
+
+    def colours(y):  # [B, V, 3]: each view's colour (mirroring cannot change a flat image)
+        return y.mean((-1, -2))
+
+    cases = (("step", True, True), ("orbit", True, False), ("view", False, False))
+    for per, same_in_orbit, same_across_orbits in cases:
+        c = colours(augment_views(x, torch.Generator().manual_seed(1), per))
+        assert torch.allclose(c[:, :1].expand_as(c), c, atol=1e-6) == same_in_orbit, per
+        assert torch.allclose(c[0], c[1], atol=1e-6) == same_across_orbits, per
+        grey = c.mean(-1, keepdim=True)  # a rotation about the grey axis keeps each colour's luma sum
+        assert torch.allclose(grey, torch.full_like(grey, (0.2 - 0.2) / 3), atol=1e-5), per
+
+
+def test_linear_path_init_decodes_views_apart_and_keeps_the_signal():
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from bench.autoencoder_recipes import init_linear_path
+    from model.config import preset
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLTemporalDecoder(**preset("tiny").vae)
+    z = torch.randn(8, 4, 8, 8)
+    z2 = z.clone()
+    z2[3] += 1.0
+
+    def decode(latents):
+        with torch.no_grad():
+            return vae.decode(latents, num_frames=8).sample
+
+    changed = (decode(z2) - decode(z)).abs().flatten(1).amax(1)
+    assert (changed[[2, 4]] > 0).all()  # PyTorch's default init: the temporal layers mix views
+    init_linear_path(vae)
+    changed = (decode(z2) - decode(z)).abs().flatten(1).amax(1)
+    assert changed[3] > 1e-3 and changed[torch.arange(8) != 3].max() == 0  # each view decoded alone
+    x = torch.rand(8, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean
+    assert 0.2 < mean.std() < 5  # variance-preserving path: the latent neither vanishes nor explodes

@@ -172,3 +172,29 @@ def test_autoencoder_objective_weighs_kl_as_stable_diffusion_does():
         kl_share = float(1e-6 * posterior.kl().mean() / per_image.mean())
     assert kl_share > 1e-10  # float64 resolves it: a KL weighed 3 H W times too much or too little shows
     assert float(ours) * x[0].numel() == pytest.approx(float(per_image.mean()), rel=1e-3 * kl_share)
+
+
+def test_autoencoder_chroma_term_is_the_colour_part_of_the_squared_error():
+    """``chroma_weight`` adds that weight times the mean squared error of the colour part (each
+    channel minus its BT.601 luma, computed here by hand): zero for a grey error, 0.701^2 + 2 x
+    0.299^2 over 3 for a unit red one; and the trainer's loss grows by exactly that term."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from training.autoencoder import autoencoder_loss, chroma
+
+    grey = torch.full((2, 3, 4, 4), 0.7)
+    red = torch.zeros(2, 3, 4, 4)
+    red[:, 0] = 1.0
+    assert chroma(grey).abs().max() < 1e-6
+    assert chroma(red).square().mean().item() == pytest.approx((0.701**2 + 2 * 0.299**2) / 3, rel=1e-5)
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLTemporalDecoder(**preset("tiny").vae).double()
+    images = torch.rand(1, 8, 3, 64, 64, dtype=torch.float64) * 2 - 1
+    plain, weighted = (autoencoder_loss(vae, images, torch.Generator().manual_seed(5), 1e-6, mse_weight=1.0,
+                                        chroma_weight=w) for w in (0.0, 10.0))  # fmt: skip
+    x = images.flatten(0, 1)
+    err = weighted["recon"].flatten(0, 1) - x
+    by_hand = (err - torch.einsum("c,nchw->nhw", torch.tensor([0.299, 0.587, 0.114], dtype=err.dtype), err)[:, None])
+    assert by_hand.square().mean().item() > 1e-3
+    assert float(weighted["loss"] - plain["loss"]) == pytest.approx(10.0 * by_hand.square().mean().item(), rel=1e-9)

@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decay down to lr x this")
     p.add_argument("--kl-weight", type=float, default=KL_WEIGHT)
     p.add_argument("--mse-weight", type=float, default=1.0, help="squared-error term beside L1")
+    p.add_argument("--chroma-weight", type=float, default=0.0, help="extra squared error of the colour part")
     p.add_argument("--lpips-weight", type=float, default=0.0, help="LPIPS term (needs the real VGG trunk)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--log-every", type=int, default=25)
@@ -75,18 +76,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- the maths
-def autoencoder_loss(vae, images: torch.Tensor, generator: torch.Generator | None,
-                     kl_weight: float, lpips_weight: float = 0.0, mse_weight: float = 0.0) -> dict:
+def autoencoder_loss(vae, images: torch.Tensor, generator: torch.Generator | None, kl_weight: float,
+                     lpips_weight: float = 0.0, mse_weight: float = 0.0, chroma_weight: float = 0.0) -> dict:
     """SD/SVD autoencoder objective on the views of a batch of orbits.
 
-    ``L = mean_values(|x - D(z)| + mse_weight (x - D(z))^2) + lpips_weight LPIPS(x, D(z))
-    + kl_weight KL(q(z|x) || N(0, I)) / (3 H W)``
+    ``L = mean_values(|x - D(z)| + mse_weight (x - D(z))^2 + chroma_weight chroma(x - D(z))^2)
+    + lpips_weight LPIPS(x, D(z)) + kl_weight KL(q(z|x) || N(0, I)) / (3 H W)``
     with ``z ~ q(z|x)``, the decoder's temporal layers run over the V views of each orbit,
     KL summed over latent elements and averaged over images: SD's ``LPIPSWithDiscriminator``
     without its adversarial term, divided through by the values of an image. SD sums the
     reconstruction over an image's values and adds ``kl_weight x KL`` per image; here the
     reconstruction is a per-value mean, so the KL is divided by ``3 H W`` (``kl_term``) and
-    ``kl_weight`` means what it means in SD's config (1e-6).
+    ``kl_weight`` means what it means in SD's config (1e-6). ``chroma_weight`` (not SD's; 0 by
+    default) weighs the colour part of the error (``chroma``) again: a deep autoencoder learns
+    to pass brightness through its latent long before colour (BENCHMARKS.md, "Colour").
 
     Args:
         images: [B, V, 3, H, W] in [-1, 1].
@@ -100,15 +103,32 @@ def autoencoder_loss(vae, images: torch.Tensor, generator: torch.Generator | Non
     recon = vae.decode(z, num_frames=V).sample
     l1 = (recon - x).abs().mean()
     mse = F.mse_loss(recon, x)
+    chroma_mse = chroma(recon - x).square().mean()
     kl = posterior.kl().mean()
     lp = x.new_zeros(())
     if lpips_weight > 0:
         from model.lgm.loss import lpips_distance
 
         lp = lpips_distance(((recon + 1) / 2).clamp(0, 1), (x + 1) / 2)
-    loss = l1 + mse_weight * mse + lpips_weight * lp + kl_term(kl, x[0].numel(), kl_weight)
-    return dict(loss=loss, l1=l1.detach(), mse=mse.detach(), kl=kl.detach(),
+    loss = (l1 + mse_weight * mse + chroma_weight * chroma_mse + lpips_weight * lp
+            + kl_term(kl, x[0].numel(), kl_weight))
+    return dict(loss=loss, l1=l1.detach(), mse=mse.detach(), chroma_mse=chroma_mse.detach(), kl=kl.detach(),
                 lpips=lp.detach(), recon=recon.detach().unflatten(0, (B, V)))  # fmt: skip
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights of R, G, B
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` of images [..., 3, H, W] -> [..., 1, H, W]."""
+    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
+    return torch.einsum("c,...chw->...hw", weights, images).unsqueeze(-3)
+
+
+def chroma(images: torch.Tensor) -> torch.Tensor:
+    """The colour part of images [..., 3, H, W]: each channel minus the luma (``luma``); zero for
+    greys. Linear, so ``chroma(x - y) = chroma(x) - chroma(y)``."""
+    return images - luma(images)
 
 
 def kl_term(kl_per_image: torch.Tensor, values_per_image: int, kl_weight: float) -> torch.Tensor:
@@ -217,7 +237,8 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, args.min_lr_ratio)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        terms = autoencoder_loss(vae, images, generator, args.kl_weight, args.lpips_weight, args.mse_weight)
+        terms = autoencoder_loss(vae, images, generator, args.kl_weight, args.lpips_weight, args.mse_weight,
+                                 args.chroma_weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
