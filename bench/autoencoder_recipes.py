@@ -124,9 +124,8 @@ def augment_views(x: torch.Tensor, g: torch.Generator, per: str) -> torch.Tensor
     if per == "step":
         return augment(x, g)
     if per == "orbit":
-        return torch.cat([augment(x[b : b + 1], g) for b in range(x.shape[0])])
-    return torch.stack([torch.cat([augment(x[b : b + 1, v : v + 1], g) for v in range(x.shape[1])], 1)[0]
-                        for b in range(x.shape[0])])
+        return torch.cat([augment(orbit[None], g) for orbit in x])
+    return torch.cat([augment(view[None, None], g) for view in x.flatten(0, 1)]).view_as(x)
 
 
 def init_linear_path(model: nn.Module) -> None:
@@ -295,8 +294,8 @@ def psnr(model, trip, groups) -> dict[str, float]:
     model.eval()
     recon, target = torch.cat([trip(g[None])[0] for g in groups]), torch.cat(groups)
     model.train()
-    luma, chroma = luma_chroma_psnr(recon, target)
-    return dict(db=round(psnr_signed(recon, target), 2), luma_db=round(luma, 2), chroma_db=round(chroma, 2))
+    luma_db, chroma_db = luma_chroma_psnr(recon, target)
+    return dict(db=round(psnr_signed(recon, target), 2), luma_db=round(luma_db, 2), chroma_db=round(chroma_db, 2))
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
