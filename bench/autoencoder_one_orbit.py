@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.autoencoder_recipes import (  # noqa: E402
-    add_recipe_arguments, augment, augment_views, build, grey_chroma_reference, luma_chroma_psnr)
+    add_recipe_arguments, build, grey_chroma_reference, luma_chroma_psnr)
 from data_pipeline.conventions import training_frame_indices  # noqa: E402
 from training.autoencoder import psnr_signed  # noqa: E402
+from training.autoencoder_recipe import augment, augment_views  # noqa: E402
 
 
 def scores(model, trip, x: torch.Tensor) -> dict[str, float]:
@@ -64,7 +65,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     start = time.time()
     for step in range(1, args.steps + 1):
-        xa = x if args.augment == "none" else augment_views(x, g, args.augment)
+        xa = augment_views(x, g, args.augment)
         loss = loss_fn(xa, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -63,6 +63,7 @@ from data_pipeline.shards import iter_shard  # noqa: E402
 from model.config import preset  # noqa: E402
 from training.autoencoder import (  # noqa: E402
     autoencoder_loss, chroma, cosine_lr, luma, psnr_signed, roundtrip, save_roundtrip_picture)
+from training.autoencoder_recipe import AUGMENT_MODES, augment_views, init_linear_path  # noqa: E402
 from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
 
 RESOLUTION = 64
@@ -104,49 +105,6 @@ def load_frames(args) -> tuple[torch.Tensor, list[str], torch.Tensor]:
 def eval_groups(orbits: torch.Tensor) -> list[torch.Tensor]:
     """Both 8-frame training groups of every orbit: a list of [8, 3, H, W]."""
     return [o[training_frame_indices(s)] for o in orbits for s in (0, 1)]
-
-
-def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Mirror, channel permutation and hue rotation about the grey axis of [B, V, 3, H, W] in [-1, 1]."""
-    if torch.rand((), generator=g) < 0.5:
-        x = x.flip(-1)
-    x = x[:, :, torch.randperm(3, generator=g)]
-    theta = float(torch.rand((), generator=g)) * 2 * math.pi
-    k = torch.ones(3) / math.sqrt(3)
-    K = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    R = torch.eye(3) + math.sin(theta) * K + (1 - math.cos(theta)) * K @ K  # Rodrigues
-    return torch.einsum("ij,bvjhw->bvihw", R.to(x), (x + 1) / 2).clamp(0, 1) * 2 - 1
-
-
-def augment_views(x: torch.Tensor, g: torch.Generator, per: str) -> torch.Tensor:
-    """``augment`` drawn once per step (``per="step"``: every orbit of the batch the same colours),
-    once per orbit, or once per view of [B, V, 3, H, W]."""
-    if per == "step":
-        return augment(x, g)
-    if per == "orbit":
-        return torch.cat([augment(orbit[None], g) for orbit in x])
-    return torch.cat([augment(view[None, None], g) for view in x.flatten(0, 1)]).view_as(x)
-
-
-def init_linear_path(model: nn.Module) -> None:
-    """Re-initialise ``AutoencoderKLTemporalDecoder`` so that it starts as a short linear chain:
-    the last convolution of every residual branch (``conv2``) and every attention output
-    projection zero (each block the identity), every other convolution and projection
-    variance-preserving (``kaiming_normal_``, linear gain; biases zero), the decoder's
-    ``time_conv_out`` the identity over time. PyTorch's default (variance ``1 / (3 fan_in)``)
-    shrinks the signal a third at every layer of the path from pixels to latent and back."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv2d, nn.Conv3d, nn.Linear)):
-            if name.endswith("conv2") or name.endswith("to_out.0"):
-                nn.init.zeros_(mod.weight)
-            else:
-                nn.init.kaiming_normal_(mod.weight, nonlinearity="linear")
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-    w = model.decoder.time_conv_out.weight
-    with torch.no_grad():
-        w.zero_()
-        w[:, :, w.shape[2] // 2, 0, 0] = torch.eye(w.shape[0])
 
 
 def swap_group_norms(module: nn.Module, groups: int) -> None:
@@ -302,7 +260,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """The recipe's flags (model variant, objective, augmentation, lr), shared with
     ``bench/autoencoder_one_orbit.py``."""
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--augment", choices=("step", "orbit", "view", "none"), default="step",
+    p.add_argument("--augment", choices=AUGMENT_MODES, default="step",
                    help="colour augmentation drawn once a step (every orbit alike), an orbit, or a view")
     p.add_argument("--latent-channels", type=int)
     p.add_argument("--blocks", type=int)
@@ -351,8 +309,7 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         x = train[torch.randint(len(train), (args.batch,), generator=g).to(device)]
         x = x[:, training_frame_indices(int(torch.randint(NUM_FRAMES, (), generator=g)))]
-        if args.augment != "none":
-            x = augment_views(x, g, args.augment)
+        x = augment_views(x, g, args.augment)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step - 1, args.steps, args.lr, 0.05)
         loss = loss_fn(x, step)

@@ -216,6 +216,16 @@ def _tiny() -> OuroborosConfig:
 PRESETS = {"tiny": _tiny, "full": _full}
 
 
+def with_latent_channels(config: OuroborosConfig, channels: int) -> OuroborosConfig:
+    """``config`` with a ``channels``-channel latent: the autoencoder's ``latent_channels``, the
+    UNet's ``out_channels`` (the denoised latent) and ``in_channels`` (SVD concatenates the noisy
+    latent and the conditioning image's latent: twice as many)."""
+    if channels < 1:
+        raise ValueError(f"latent channels must be positive, got {channels}")
+    return dataclasses.replace(config, vae={**config.vae, "latent_channels": channels},
+                               unet={**config.unet, "in_channels": 2 * channels, "out_channels": channels})
+
+
 def preset(name: str, **overrides) -> OuroborosConfig:
     """A fresh preset config, ``"tiny"`` or ``"full"``, with keyword overrides applied."""
     if name not in PRESETS:

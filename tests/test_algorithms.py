@@ -125,6 +125,23 @@ def test_algorithm1_without_joint_training_or_feedback():
     assert all(p.grad is None for p in model.lgm.parameters())
 
 
+def test_wider_latent_agrees_through_autoencoder_and_unet():
+    """``with_latent_channels``: the autoencoder's latent, the UNet's input (noisy and image
+    latents concatenated) and its output agree, so Algorithm 1 and 2 run on a 16-channel latent."""
+    from model.config import with_latent_channels
+
+    torch.manual_seed(0)
+    model = Ouroboros3D.from_config(with_latent_channels(preset("tiny", **SMALL), 16))
+    assert model.vae.config.latent_channels == 16
+    assert (model.denoiser.unet.config.in_channels, model.denoiser.unet.config.out_channels) == (32, 16)
+    model.training_losses(_batch(2), generator=torch.Generator().manual_seed(2))["loss"].backward()
+    c2w, K = _cameras()
+    out = model.sample(_batch(2)["images"][:, 0], c2w, K, num_steps=2, guidance=(1.0, 1.0), progress=False)
+    assert out.views.shape == (1, V, 3, RES, RES) and torch.isfinite(out.views).all()
+    with pytest.raises(ValueError, match="positive"):
+        with_latent_channels(preset("tiny"), 0)
+
+
 # ----------------------------------------------------------------------------- Algorithm 2
 # Not slow: 1.2-1.7 CPU s (bench/cpu_durations.py).
 def test_algorithm2_reconstructs_every_step_and_feeds_back(tiny_model, monkeypatch):

@@ -56,7 +56,7 @@ def test_luma_chroma_split_separates_lost_colour_from_lost_brightness():
 
 
 def test_augment_views_draws_colours_per_step_orbit_or_view():
-    from bench.autoencoder_recipes import augment_views
+    from training.autoencoder_recipe import augment_views
 
     x = torch.zeros(2, 4, 3, 2, 2)
     x[:, :, 0] = 0.2  # every view of both orbits the same pale red (no channel clamps when rotated)
@@ -77,7 +77,7 @@ def test_augment_views_draws_colours_per_step_orbit_or_view():
 def test_linear_path_init_decodes_views_apart_and_keeps_the_signal():
     from diffusers import AutoencoderKLTemporalDecoder
 
-    from bench.autoencoder_recipes import init_linear_path
+    from training.autoencoder_recipe import init_linear_path
     from model.config import preset
 
     torch.manual_seed(0)

@@ -150,6 +150,27 @@ def test_autoencoder_trainer_output_loads_and_round_trips(demo_shards, tmp_path)
     assert steps == list(range(1, 161))
 
 
+def test_autoencoder_trainer_writes_a_coherent_folder_for_a_wider_latent(demo_shards, tmp_path):
+    """The colour recipe's flags (``--latent-channels``, ``--augment view``, ``--init linear-path``,
+    ``--chroma-weight``) train and write an SVD folder whose autoencoder and UNet agree on the
+    wider latent; the tiny preset loads it through ``svd_path`` and encodes to that latent."""
+    from training.autoencoder import main
+
+    out = tmp_path / "ae"
+    argv = ["--data", str(demo_shards), "--output", str(out), "--steps", "3", "--batch", "1", "--num-workers", "0",
+            "--scale-batches", "1", "--latent-channels", "8", "--augment", "view", "--init", "linear-path",
+            "--chroma-weight", "10"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((out / "autoencoder.json").read_text())["latent_channels"] == 8
+    model = Ouroboros3D.from_config(preset("tiny", svd_path=str(out / "svd")))
+    assert model.vae.config.latent_channels == 8
+    assert (model.denoiser.unet.config.in_channels, model.denoiser.unet.config.out_channels) == (16, 8)
+    images = _orbit_batch(demo_shards)["images"]
+    with torch.no_grad():
+        z = model.vae.encode(images.flatten(0, 1)).latent_dist.mode()
+    assert z.shape == (images.shape[0] * images.shape[1], 8, 8, 8)
+
+
 def test_autoencoder_objective_weighs_kl_as_stable_diffusion_does():
     """``autoencoder_loss`` x (values per image) is SD's ``LPIPSWithDiscriminator`` objective
     without the adversarial term: reconstruction summed over an image's values plus

@@ -43,6 +43,7 @@ from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_pipeline.atomic import atomic_dir, atomic_path, atomic_write_text  # noqa: E402
+from training.autoencoder_recipe import AUGMENT_MODES, augment_views, init_linear_path  # noqa: E402
 from training.loader import LoaderConfig, StreamingLoader  # noqa: E402
 from training.logging_utils import TrainLogger  # noqa: E402
 
@@ -58,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="shard pattern (as training/main.py)")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--preset", default="tiny", help="model preset whose vae config is trained")
+    p.add_argument("--latent-channels", type=int,
+                   help="latent channels instead of the preset's (the SVD folder's UNet follows)")
+    p.add_argument("--augment", choices=AUGMENT_MODES, default="none",
+                   help="colour augmentation (mirror, channel permutation, hue rotation) drawn per step, orbit or view")
+    p.add_argument("--init", choices=("default", "linear-path"), default="default",
+                   help="PyTorch's initialisation, or init_linear_path")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=2, help="orbits per step (x 8 views)")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -187,14 +194,23 @@ def save_roundtrip_picture(path: Path, images: torch.Tensor, recon: torch.Tensor
         Image.fromarray((pic.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
 
 
-def save_svd_folder(vae: AutoencoderKLTemporalDecoder, preset: str, out: Path, seed: int) -> None:
-    """The SVD-layout folder: the trained VAE plus the preset's other parts, freshly initialised
-    (seeded), written beside ``out`` and swapped in."""
+def model_config(preset: str, latent_channels: int | None):
+    """The preset's model config, with ``latent_channels`` (when given) through the autoencoder
+    and the UNet (``with_latent_channels``)."""
     from model.config import preset as model_preset
+    from model.config import with_latent_channels
+
+    cfg = model_preset(preset)
+    return cfg if latent_channels is None else with_latent_channels(cfg, latent_channels)
+
+
+def save_svd_folder(vae: AutoencoderKLTemporalDecoder, cfg, out: Path, seed: int) -> None:
+    """The SVD-layout folder: the trained VAE plus the other parts of model config ``cfg``,
+    freshly initialised (seeded), written beside ``out`` and swapped in."""
     from model.svd import build_svd_components, save_svd_components
 
     torch.manual_seed(seed)
-    components = build_svd_components(model_preset(preset))
+    components = build_svd_components(cfg)
     components.vae = vae
     with atomic_dir(out) as tmp:
         save_svd_components(components, tmp)
@@ -204,13 +220,13 @@ def save_svd_folder(vae: AutoencoderKLTemporalDecoder, preset: str, out: Path, s
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from model.config import preset as model_preset
-
-    cfg = model_preset(args.preset)
+    cfg = model_config(args.preset, args.latent_channels)
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     vae = AutoencoderKLTemporalDecoder(**cfg.vae)
+    if args.init == "linear-path":
+        init_linear_path(vae)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     loader = StreamingLoader(args.data, LoaderConfig(
         resolution=cfg.resolution, batch_size=args.batch, num_views=cfg.num_views,
@@ -237,6 +253,7 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr, args.min_lr_ratio)
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        images = augment_views(images, generator, args.augment)
         terms = autoencoder_loss(vae, images, generator, args.kl_weight, args.lpips_weight, args.mse_weight,
                                  args.chroma_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -244,7 +261,7 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         step += 1
-        record = {k: float(v) for k, v in terms.items() if k != "recon"}
+        record = {k: v.item() for k, v in terms.items() if k != "recon"}
         record.update(psnr=psnr_signed(terms["recon"], images), lr=optimizer.param_groups[0]["lr"])
         logger.step(step, record)
         if step % args.log_every == 0 or step == args.steps:
@@ -265,9 +282,10 @@ def main(argv=None) -> int:
     recon = roundtrip(vae, images)
     train_psnr = psnr_signed(recon, images)
     save_roundtrip_picture(out / "roundtrip.png", images, recon)
-    save_svd_folder(vae, args.preset, out / SVD_DIR, args.seed)
+    save_svd_folder(vae, cfg, out / SVD_DIR, args.seed)
     summary = dict(steps=step, scaling_factor=1.0 / std, latent_mean=mean, latent_std=std,
-                   train_roundtrip_psnr=train_psnr, preset=args.preset, svd_path=str(out / SVD_DIR))  # fmt: skip
+                   train_roundtrip_psnr=train_psnr, preset=args.preset,
+                   latent_channels=cfg.vae["latent_channels"], svd_path=str(out / SVD_DIR))  # fmt: skip
     atomic_write_text(out / "autoencoder.json", json.dumps(summary, indent=2))
     log.info("scaling_factor %.4f (latent std %.4f); round trip on training frames %.2f dB; wrote %s",
              1.0 / std, std, train_psnr, out / SVD_DIR)
