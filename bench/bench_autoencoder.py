@@ -1,12 +1,16 @@
 """Round-trip quality of a trained autoencoder on the frames of (held-out) shards.
 
     python bench/bench_autoencoder.py --svd <dir>/svd --data '<heldout>/shard-*.tar' [--resolution 64]
+    python bench/bench_autoencoder.py --checkpoint <dir>/checkpoint.pt --data '<heldout>/shard-*.tar'
 
 Every orbit of every shard, all 16 frames in two groups of 8 (frames s, s+2, ..., as the model
 sees them: ``training_frame_indices(0)`` and ``(1)``), composited over the model background and
 resized exactly as the training loader does, encoded (posterior mode), decoded by the temporal
-decoder over the 8 frames, and scored: PSNR (dB, [0, 1] images) per object and over all frames.
-With ``--random`` the same VAE config with random weights is scored beside it.
+decoder over the 8 frames, and scored: PSNR (dB, [0, 1] images) per object and over all frames,
+with its luma and chroma parts (BT.601 ``Y``, and the channels minus ``Y``: where the colour
+goes). ``--checkpoint`` scores the autoencoder of a ``training.autoencoder`` checkpoint, so a long
+run can be watched while it trains. With ``--random`` the same VAE config with random weights is
+scored beside it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 
 from data_pipeline.conventions import training_frame_indices  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
-from training.autoencoder import roundtrip  # noqa: E402
+from training.autoencoder import chroma, luma, model_config, roundtrip  # noqa: E402
 from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
 
 
@@ -36,39 +40,62 @@ def orbit_views(pattern: str, resolution: int, background: float):
                 yield sample["__key__"], to_training_views(views, resolution, [background] * 3)["images"]
 
 
+def psnr(mse: float) -> float:
+    return float(10 * torch.log10(torch.tensor(1.0 / mse)))
+
+
 def score(vae, pattern: str, resolution: int, background: float) -> dict:
-    """Per-object mean PSNR and the PSNR over all frames (from the pooled MSE)."""
-    per_object: dict[str, list[float]] = {}
-    mses = []
+    """Per-object PSNR and luma / chroma dB, and the same over all frames (from pooled MSEs)."""
+    per_object: dict[str, list[tuple[float, float, float]]] = {}
     for key, images in orbit_views(pattern, resolution, background):
-        recon = roundtrip(vae, images[None])[0]
-        mse = float((((recon + 1) / 2).clamp(0, 1) - (images + 1) / 2).pow(2).mean())
-        mses.append(mse)
-        per_object.setdefault(key.rsplit("_o", 1)[0], []).append(mse)
-    psnr = lambda m: float(10 * torch.log10(torch.tensor(1.0 / m)))  # noqa: E731
-    return dict(objects={k: psnr(statistics.mean(v)) for k, v in per_object.items()},
-                all=psnr(statistics.mean(mses)), groups=len(mses))  # fmt: skip
+        err = ((roundtrip(vae, images[None])[0] + 1) / 2).clamp(0, 1) - (images + 1) / 2
+        mses = (float(err.square().mean()), float(luma(err).square().mean()), float(chroma(err).square().mean()))
+        per_object.setdefault(key.rsplit("_o", 1)[0], []).append(mses)
+    pooled = lambda rows: tuple(psnr(statistics.mean(col)) for col in zip(*rows))  # noqa: E731
+    groups = [row for rows in per_object.values() for row in rows]
+    return dict(objects={k: pooled(v) for k, v in per_object.items()}, all=pooled(groups), groups=len(groups))
+
+
+def load_checkpoint_vae(path: Path) -> AutoencoderKLTemporalDecoder:
+    """The autoencoder of a ``training.autoencoder`` checkpoint, built from the run's own
+    arguments (preset and latent channels)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        run = state["args"]
+        cfg = model_config(run["preset"], run.get("latent_channels"))
+        vae = AutoencoderKLTemporalDecoder(**cfg.vae)
+        vae.load_state_dict(state["vae"])
+    except (OSError, KeyError, TypeError, RuntimeError, EOFError) as err:
+        raise SystemExit(f"{path}: not a training.autoencoder checkpoint ({type(err).__name__}: {err})") from err
+    print(f"{path}: step {state['step']}")
+    return vae
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--svd", required=True, type=Path, help="SVD-layout folder (training.autoencoder's svd/)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--svd", type=Path, help="SVD-layout folder (training.autoencoder's svd/)")
+    which.add_argument("--checkpoint", type=Path, help="a training.autoencoder checkpoint.pt")
     p.add_argument("--data", required=True, help="shards to score (held-out objects)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--background", type=float, default=1.0)
     p.add_argument("--random", action="store_true", help="also score a randomly initialised VAE")
     args = p.parse_args()
     torch.set_grad_enabled(False)
-    vaes = {"trained": AutoencoderKLTemporalDecoder.from_pretrained(args.svd, subfolder="vae").eval()}
+    if args.svd:
+        trained = AutoencoderKLTemporalDecoder.from_pretrained(args.svd, subfolder="vae")
+    else:
+        trained = load_checkpoint_vae(args.checkpoint)
+    vaes = {"trained": trained.eval()}
     if args.random:
         torch.manual_seed(0)
         vaes["random"] = AutoencoderKLTemporalDecoder.from_config(vaes["trained"].config).eval()
-    print(f"| VAE | object | round-trip PSNR dB ({args.resolution} px) |\n|---|---|---|")
+    print(f"| VAE | object | round-trip PSNR dB ({args.resolution} px) | luma dB | chroma dB |\n|---|---|---|---|---|")
     for name, vae in vaes.items():
         result = score(vae, args.data, args.resolution, args.background)
-        for obj, value in sorted(result["objects"].items()):
-            print(f"| {name} | {obj} | {value:.2f} |")
-        print(f"| {name} | all ({result['groups']} groups of 8 frames) | {result['all']:.2f} |")
+        rows = sorted(result["objects"].items()) + [(f"all ({result['groups']} groups of 8 frames)", result["all"])]
+        for obj, (db, luma_db, chroma_db) in rows:
+            print(f"| {name} | {obj} | {db:.2f} | {luma_db:.2f} | {chroma_db:.2f} |")
 
 
 if __name__ == "__main__":

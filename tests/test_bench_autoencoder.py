@@ -1,0 +1,64 @@
+"""bench/bench_autoencoder.py: the round-trip score of an autoencoder folder, and of the
+checkpoint of a run still training, against PSNR computed independently (scikit-image); a
+file that is not a checkpoint is refused with its name."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLTemporalDecoder
+from skimage.metrics import peak_signal_noise_ratio
+
+from data_pipeline.conventions import training_frame_indices
+from data_pipeline.shards import iter_shard
+from training.autoencoder import roundtrip
+from training.loader import decode_views, expand_shards, to_training_views
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "bench_autoencoder.py"
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+
+
+def all_row(stdout: str) -> tuple[float, float, float]:
+    row = next(line for line in stdout.splitlines() if line.startswith("| trained | all"))
+    return tuple(float(v) for v in re.findall(r"\| (-?[\d.]+|inf)", row)[-3:])
+
+
+def test_folder_and_checkpoint_score_alike_and_match_an_independent_psnr(demo_shards, tmp_path):
+    from training.autoencoder import main
+
+    out = tmp_path / "ae"
+    argv = ["--data", str(demo_shards), "--output", str(out), "--steps", "2", "--batch", "1", "--num-workers", "0",
+            "--scale-batches", "1", "--checkpoint-every", "2", "--latent-channels", "8"]  # fmt: skip
+    assert main(argv) == 0
+    shards = str(demo_shards / "shard-*.tar")
+    folder = bench("--svd", str(out / "svd"), "--data", shards)
+    checkpoint = bench("--checkpoint", str(out / "checkpoint.pt"), "--data", shards)
+    assert folder.returncode == 0 and checkpoint.returncode == 0, folder.stderr[-2000:] + checkpoint.stderr[-2000:]
+    db, luma_db, chroma_db = all_row(folder.stdout)
+    assert all_row(checkpoint.stdout) == (db, luma_db, chroma_db)  # the same weights, two ways in
+    assert "step 2" in checkpoint.stdout
+
+    # PSNR over every frame of both 8-frame groups of every orbit, by scikit-image
+    vae = AutoencoderKLTemporalDecoder.from_pretrained(out / "svd", subfolder="vae").eval()
+    targets, recons = [], []
+    for url in expand_shards(shards):
+        for sample in iter_shard(url):
+            for start in (0, 1):
+                images = to_training_views(decode_views(sample, training_frame_indices(start)), 64, [1.0] * 3)["images"]
+                targets.append(((images + 1) / 2).numpy())
+                recons.append(((roundtrip(vae, images[None])[0] + 1) / 2).clamp(0, 1).numpy())
+    reference = peak_signal_noise_ratio(np.stack(targets), np.stack(recons), data_range=1.0)
+    assert abs(db - reference) < 0.01, (db, reference)
+    assert 0 < chroma_db < 100 and 0 < luma_db < 100
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"vae": {}}, bad)
+    refused = bench("--checkpoint", str(bad), "--data", shards)
+    assert refused.returncode != 0 and "bad.pt: not a training.autoencoder checkpoint" in refused.stderr
