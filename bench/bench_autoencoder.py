@@ -10,7 +10,8 @@ decoder over the 8 frames, and scored: PSNR (dB, [0, 1] images) per object and o
 with its luma and chroma parts (BT.601 ``Y``, and the channels minus ``Y``: where the colour
 goes). ``--checkpoint`` scores the autoencoder of a ``training.autoencoder`` checkpoint, so a long
 run can be watched while it trains. With ``--random`` the same VAE config with random weights is
-scored beside it.
+scored beside it. ``--picture <png>`` draws the first 8-frame group of every object: its frames
+over their round trip, two rows an object, 1 px gaps.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from data_pipeline.atomic import atomic_path  # noqa: E402
 from data_pipeline.conventions import training_frame_indices  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
 from training.autoencoder import chroma, luma, model_config, roundtrip  # noqa: E402
@@ -45,15 +49,32 @@ def psnr(mse: float) -> float:
 
 
 def score(vae, pattern: str, resolution: int, background: float) -> dict:
-    """Per-object PSNR and luma / chroma dB, and the same over all frames (from pooled MSEs)."""
+    """Per-object PSNR and luma / chroma dB, the same over all frames (from pooled MSEs), and
+    ``examples``: the first group of every object, (frames, round trip) [8, 3, R, R] in [0, 1]."""
     per_object: dict[str, list[tuple[float, float, float]]] = {}
+    examples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, images in orbit_views(pattern, resolution, background):
-        err = ((roundtrip(vae, images[None])[0] + 1) / 2).clamp(0, 1) - (images + 1) / 2
+        target = (images + 1) / 2
+        recon = ((roundtrip(vae, images[None])[0] + 1) / 2).clamp(0, 1)
+        err = recon - target
         mses = (float(err.square().mean()), float(luma(err).square().mean()), float(chroma(err).square().mean()))
-        per_object.setdefault(key.rsplit("_o", 1)[0], []).append(mses)
+        obj = key.rsplit("_o", 1)[0]
+        per_object.setdefault(obj, []).append(mses)
+        examples.setdefault(obj, (target, recon))
     pooled = lambda rows: tuple(psnr(statistics.mean(col)) for col in zip(*rows))  # noqa: E731
     groups = [row for rows in per_object.values() for row in rows]
-    return dict(objects={k: pooled(v) for k, v in per_object.items()}, all=pooled(groups), groups=len(groups))
+    return dict(objects={k: pooled(v) for k, v in per_object.items()}, all=pooled(groups), groups=len(groups),
+                examples=examples)
+
+
+def save_picture(path: Path, examples: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """PNG of every object's frames (one row) over their round trip (the next), objects sorted."""
+    from torchvision.utils import make_grid
+
+    rows = [t for obj in sorted(examples) for t in examples[obj]]
+    grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=1, pad_value=1.0)
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
 
 
 def load_checkpoint_vae(path: Path) -> AutoencoderKLTemporalDecoder:
@@ -80,6 +101,7 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--background", type=float, default=1.0)
     p.add_argument("--random", action="store_true", help="also score a randomly initialised VAE")
+    p.add_argument("--picture", type=Path, help="PNG: each object's first 8 frames over their round trip")
     args = p.parse_args()
     torch.set_grad_enabled(False)
     if args.svd:
@@ -96,6 +118,8 @@ def main() -> None:
         rows = sorted(result["objects"].items()) + [(f"all ({result['groups']} groups of 8 frames)", result["all"])]
         for obj, (db, luma_db, chroma_db) in rows:
             print(f"| {name} | {obj} | {db:.2f} | {luma_db:.2f} | {chroma_db:.2f} |")
+        if args.picture and name == "trained":
+            save_picture(args.picture, result["examples"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """bench/bench_autoencoder.py: the round-trip score of an autoencoder folder, and of the
-checkpoint of a run still training, against PSNR computed independently (scikit-image); a
-file that is not a checkpoint is refused with its name."""
+checkpoint of a run still training, against PSNR computed independently (scikit-image); its
+picture holds the frames and their round trip; a file that is not a checkpoint is refused with
+its name."""
 
 import re
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKLTemporalDecoder
+from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 from data_pipeline.conventions import training_frame_indices
@@ -38,7 +40,8 @@ def test_folder_and_checkpoint_score_alike_and_match_an_independent_psnr(demo_sh
             "--scale-batches", "1", "--checkpoint-every", "2", "--latent-channels", "8"]  # fmt: skip
     assert main(argv) == 0
     shards = str(demo_shards / "shard-*.tar")
-    folder = bench("--svd", str(out / "svd"), "--data", shards)
+    picture = tmp_path / "heldout.png"
+    folder = bench("--svd", str(out / "svd"), "--data", shards, "--picture", str(picture))
     checkpoint = bench("--checkpoint", str(out / "checkpoint.pt"), "--data", shards)
     assert folder.returncode == 0 and checkpoint.returncode == 0, folder.stderr[-2000:] + checkpoint.stderr[-2000:]
     db, luma_db, chroma_db = all_row(folder.stdout)
@@ -47,16 +50,28 @@ def test_folder_and_checkpoint_score_alike_and_match_an_independent_psnr(demo_sh
 
     # PSNR over every frame of both 8-frame groups of every orbit, by scikit-image
     vae = AutoencoderKLTemporalDecoder.from_pretrained(out / "svd", subfolder="vae").eval()
-    targets, recons = [], []
+    targets, recons, objects = [], [], []
     for url in expand_shards(shards):
         for sample in iter_shard(url):
             for start in (0, 1):
+                objects.append(sample["__key__"].rsplit("_o", 1)[0])
                 images = to_training_views(decode_views(sample, training_frame_indices(start)), 64, [1.0] * 3)["images"]
                 targets.append(((images + 1) / 2).numpy())
                 recons.append(((roundtrip(vae, images[None])[0] + 1) / 2).clamp(0, 1).numpy())
     reference = peak_signal_noise_ratio(np.stack(targets), np.stack(recons), data_range=1.0)
     assert abs(db - reference) < 0.01, (db, reference)
     assert 0 < chroma_db < 100 and 0 < luma_db < 100
+
+    # the picture: per object, its first group's 8 frames over their round trip (1 px gaps)
+    pic = np.asarray(Image.open(picture).convert("RGB")).astype(np.float64) / 255
+    rows = 2 * len(set(objects))
+    assert pic.shape == (rows * 65 + 1, 8 * 65 + 1, 3)
+    cell = lambda row, col: pic[1 + 65 * row:65 * (row + 1), 1 + 65 * col:65 * (col + 1)]  # noqa: E731
+    last = max(objects)  # drawn last; its first group is the first one met
+    group = objects.index(last)
+    for col in (0, 5):
+        assert np.abs(cell(rows - 2, col) - targets[group][col].transpose(1, 2, 0)).max() <= 0.5 / 255 + 1e-6
+        assert np.abs(cell(rows - 1, col) - recons[group][col].transpose(1, 2, 0)).max() <= 0.5 / 255 + 1e-6
 
     bad = tmp_path / "bad.pt"
     torch.save({"vae": {}}, bad)
