@@ -23,15 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from data_pipeline.atomic import atomic_path  # noqa: E402
 from data_pipeline.conventions import training_frame_indices  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
-from training.autoencoder import chroma, luma, model_config, roundtrip  # noqa: E402
+from training.autoencoder import chroma, luma, model_config, roundtrip, save_roundtrip_picture  # noqa: E402
 from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
 
 
@@ -50,31 +47,21 @@ def psnr(mse: float) -> float:
 
 def score(vae, pattern: str, resolution: int, background: float) -> dict:
     """Per-object PSNR and luma / chroma dB, the same over all frames (from pooled MSEs), and
-    ``examples``: the first group of every object, (frames, round trip) [8, 3, R, R] in [0, 1]."""
+    ``examples``: the first group of every object, (frames, round trip) [8, 3, R, R] in [-1, 1]
+    (the round trip not clamped)."""
     per_object: dict[str, list[tuple[float, float, float]]] = {}
     examples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, images in orbit_views(pattern, resolution, background):
-        target = (images + 1) / 2
-        recon = ((roundtrip(vae, images[None])[0] + 1) / 2).clamp(0, 1)
-        err = recon - target
+        recon = roundtrip(vae, images[None])[0]
+        err = ((recon + 1) / 2).clamp(0, 1) - (images + 1) / 2
         mses = (float(err.square().mean()), float(luma(err).square().mean()), float(chroma(err).square().mean()))
         obj = key.rsplit("_o", 1)[0]
         per_object.setdefault(obj, []).append(mses)
-        examples.setdefault(obj, (target, recon))
+        examples.setdefault(obj, (images, recon))
     pooled = lambda rows: tuple(psnr(statistics.mean(col)) for col in zip(*rows))  # noqa: E731
     groups = [row for rows in per_object.values() for row in rows]
     return dict(objects={k: pooled(v) for k, v in per_object.items()}, all=pooled(groups), groups=len(groups),
                 examples=examples)
-
-
-def save_picture(path: Path, examples: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """PNG of every object's frames (one row) over their round trip (the next), objects sorted."""
-    from torchvision.utils import make_grid
-
-    rows = [t for obj in sorted(examples) for t in examples[obj]]
-    grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=1, pad_value=1.0)
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
 
 
 def load_checkpoint_vae(path: Path) -> AutoencoderKLTemporalDecoder:
@@ -119,7 +106,8 @@ def main() -> None:
         for obj, (db, luma_db, chroma_db) in rows:
             print(f"| {name} | {obj} | {db:.2f} | {luma_db:.2f} | {chroma_db:.2f} |")
         if args.picture and name == "trained":
-            save_picture(args.picture, result["examples"])
+            frames, trips = zip(*(result["examples"][obj] for obj in sorted(result["examples"])))
+            save_roundtrip_picture(args.picture, torch.stack(frames), torch.stack(trips))
 
 
 if __name__ == "__main__":

@@ -181,15 +181,15 @@ def cosine_lr(step: int, total: int, lr: float, min_ratio: float) -> float:
 
 # ----------------------------------------------------------------------------- outputs
 def save_roundtrip_picture(path: Path, images: torch.Tensor, recon: torch.Tensor) -> None:
-    """PNG of the first orbit's views (top row) over their round trip (bottom row).
+    """PNG of every orbit's views (one row) over their round trip (the next row), 1 px gaps.
 
     Args:
         images, recon: [B, V, 3, H, W] in [-1, 1].
     """
     from torchvision.utils import make_grid
 
-    V = images.shape[1]
-    pic = make_grid(((torch.cat([images[0], recon[0]]) + 1) / 2).clamp(0, 1), nrow=V, padding=1, pad_value=1.0)
+    rows = torch.stack([images, recon], 1).flatten(0, 2)  # orbit 0 views, its round trip, orbit 1 ...
+    pic = make_grid(((rows + 1) / 2).clamp(0, 1), nrow=images.shape[1], padding=1, pad_value=1.0)
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray((pic.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp)
 
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     images = scale_batches[0]
     recon = roundtrip(vae, images)
     train_psnr = psnr_signed(recon, images)
-    save_roundtrip_picture(out / "roundtrip.png", images, recon)
+    save_roundtrip_picture(out / "roundtrip.png", images[:1], recon[:1])
     save_svd_folder(vae, cfg, out / SVD_DIR, args.seed)
     summary = dict(steps=step, scaling_factor=1.0 / std, latent_mean=mean, latent_std=std,
                    train_roundtrip_psnr=train_psnr, preset=args.preset,
