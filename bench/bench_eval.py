@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the project; the tests' helpers, as pytest imports them
 
 import torch  # noqa: E402
 
@@ -56,7 +57,8 @@ def main() -> None:
 
     from eval import gso
     from eval.gso_benchmark import evaluate_object, parse_args, render_ground_truth
-    from tests.test_gso_benchmark import ASSETS, _checker, _write_gso_object
+    from data_paths import ASSETS
+    from test_gso_benchmark import _checker, _write_gso_object
 
     with tempfile.TemporaryDirectory() as tmp:
         _write_gso_object(Path(tmp), "spot", ASSETS / "spot.obj", _checker())

@@ -14,11 +14,17 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from data_pipeline import conventions as C
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' meshes
+
+from data_paths import ASSETS  # noqa: E402
+
+from data_pipeline import conventions as C  # noqa: E402
 
 
 def lgm_like_gaussians(n: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -76,7 +82,7 @@ def run_one(size: int, n: int, backend: str, device: str, repeats: int, threads:
 
 
 def save_picture(path: str, size: int = 256) -> None:
-    """Render Gaussians sampled on /work/shared/assets/Duck.glb (coloured by normal) from 4
+    """Render Gaussians sampled on tests/assets/Duck.glb (coloured by normal) from 4
     views; save rows rgb | alpha | depth | ccm as one PNG, to look at."""
     import numpy as np
     import trimesh
@@ -84,7 +90,7 @@ def save_picture(path: str, size: int = 256) -> None:
 
     from model.rasterizer import render_gaussians
 
-    mesh = trimesh.load("/work/shared/assets/Duck.glb", force="mesh")
+    mesh = trimesh.load(ASSETS / "Duck.glb", force="mesh")
     scale, offset = C.normalization_from_bounds(*mesh.bounds)
     mesh.apply_scale(scale)
     mesh.apply_translation(offset)

@@ -1,7 +1,7 @@
 """Rendering throughput of both worker kinds, side by side in one run: fixed cost per object,
 cost per frame and objects per hour for 2 orbits x 16 frames + CCM.
 
-    python bench/bench_render.py [--mesh /work/shared/assets/Duck.glb] [--resolutions 64 128]
+    python bench/bench_render.py [--mesh tests/assets/Duck.glb] [--resolutions 64 128]
         [--samples 32] [--device auto] [--no-denoise] [--frames-per-orbit 1 2 4]
         [--repeats 5] [--full-repeats 2] [--modes persistent per-object]
 
@@ -26,16 +26,21 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.blender_process import BlenderProcess
-from data_pipeline.conventions import NUM_FRAMES, NUM_ORBITS
-from data_pipeline.render import RenderSettings, render_object
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' meshes
 
-DEFAULT_MESH = Path("/work/shared/assets/Duck.glb")
+from data_paths import ASSETS  # noqa: E402
+
+from data_pipeline.blender_process import BlenderProcess  # noqa: E402
+from data_pipeline.conventions import NUM_FRAMES, NUM_ORBITS  # noqa: E402
+from data_pipeline.render import RenderSettings, render_object  # noqa: E402
+
+DEFAULT_MESH = ASSETS / "Duck.glb"
 MODES = ("persistent", "per-object")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from data_paths import FIXTURES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_SHARDS_ARGS = ["--source", "demo", "--count", "4", "--seed", "0", "--resolution", "64",
                     "--samples", "4", "--per-shard", "4", "--workers", "2"]
 
@@ -60,7 +60,7 @@ def demo_shards() -> Path:
     return final
 
 
-OBJAVERSE_FIXTURE = REPO / "tests" / "fixtures" / "objaverse"
+OBJAVERSE_FIXTURE = FIXTURES / "objaverse"
 
 
 @pytest.fixture

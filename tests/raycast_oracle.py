@@ -14,8 +14,7 @@ import trimesh
 from trimesh.ray.ray_triangle import ray_triangle_id
 
 from data_pipeline import conventions as C
-
-ASSETS = Path("/work/shared/assets")
+from data_paths import ASSETS
 
 
 class BruteForceTree:
@@ -32,7 +31,7 @@ class BruteForceTree:
 
 
 def normalised_mesh(name: str) -> trimesh.Trimesh:
-    """An asset from /work/shared/assets, normalised into [-0.5, 0.5]^3 (DESIGN section 2)."""
+    """An asset from tests/assets, normalised into [-0.5, 0.5]^3 (docs/design.md section 2)."""
     mesh = trimesh.load(ASSETS / name, force="mesh")
     scale, offset = C.normalization_from_bounds(*mesh.bounds)
     mesh.apply_scale(scale)

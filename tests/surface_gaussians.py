@@ -17,8 +17,8 @@ import trimesh
 from plyfile import PlyData, PlyElement
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
+from data_paths import ASSETS
 
-ASSETS = Path("/work/shared/assets")  # as tests/raycast_oracle.py
 SH_C0 = 0.28209479177387814
 
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
+from data_paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "autoencoder_recipes.py"
 
 

@@ -18,8 +18,8 @@ from data_pipeline.conventions import training_frame_indices
 from data_pipeline.shards import iter_shard
 from training.autoencoder import roundtrip
 from training.loader import decode_views, expand_shards, to_training_views
+from data_paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "bench_autoencoder.py"
 
 

@@ -15,8 +15,8 @@ import trimesh
 
 from eval.export_mesh import export_mesh
 from tests.surface_gaussians import chamfer_and_fscore, colour_at, normalised_mesh, write_surface_gaussians
+from data_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 LGM_GAUSSIANS = 65536  # LGM's output: 4 views x 128 x 128 pixels
 
 
@@ -34,7 +34,6 @@ def test_mesh_matches_the_source_surface_and_colours(tmp_path, asset):
     assert len(mesh.faces) <= 100_000  # the default decimation target
     rgb = np.asarray(mesh.visual.vertex_colors)[:, :3] / 255.0
     assert np.abs(rgb - colour_at(np.asarray(mesh.vertices))).mean() < 0.03
-
 
 
 def test_cli_writes_each_format_in_its_frame(tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from packaging.version import Version
+from data_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import gpu_wheels  # noqa: E402

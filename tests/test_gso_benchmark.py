@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_paths import ASSETS, REPO
 from PIL import Image
 
 from eval import gso, report
 
-ASSETS = Path("/work/shared/assets")
 GSO_MTL = """newmtl material_0
 Ka 1.0 1.0 1.0
 Kd 1.0 1.0 1.0
@@ -174,9 +174,6 @@ def test_image_strip_layout():
     strip = report.image_strip([a, b])
     assert strip.shape == (2 * 4 + 1, 3 * 5 + 2, 3) and strip.dtype == np.uint8
     assert strip[0, 0].tolist() == [0, 0, 0] and strip[-1, 0].tolist() == [255, 255, 255]
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _benchmark(*args, timeout=900):

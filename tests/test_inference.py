@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from eval import image_to_3d as i23
-
-REPO = Path(__file__).resolve().parents[1]
+from data_paths import REPO
 
 
 def _disc_rgba(size=96, centre=(30, 60), radius=14):

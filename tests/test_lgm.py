@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
+from data_paths import FIXTURES
 
 from raycast_oracle import one_torch_thread
 
@@ -15,8 +16,6 @@ from model import cameras
 from model.lgm import LGM, LGMConfig, prepare_inputs, reconstruction_loss
 from model.lgm import loss as lgm_loss
 from model.lgm.time_embedding import is_time_embedding_key
-
-FIXTURE = "/work/shared/fixtures/lgm_state_dict.json"
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +37,7 @@ def _inputs(batch=2, size=32, seed=0):
 @pytest.mark.parametrize("preset", ["lrm", "big"])
 def test_official_names_and_shapes(preset):
     """Built on the meta device, our LGM has exactly the official state dict plus time keys."""
-    fixture = json.load(open(FIXTURE))["configs"][preset]
+    fixture = json.loads((FIXTURES / "lgm_state_dict.json").read_text())["configs"][preset]
     with torch.device("meta"):
         model = LGM(LGMConfig.preset(preset))
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}

@@ -5,12 +5,13 @@ import hashlib
 import json
 
 import pytest
+from data_paths import FIXTURES
 
 from data_pipeline import objaverse_filter as F
 from data_pipeline.__main__ import main
 from data_pipeline.sources import objaverse_objects
 
-FIXTURE = "tests/fixtures/objaverse"
+FIXTURE = FIXTURES / "objaverse"
 uid = lambda name: hashlib.md5(name.encode()).hexdigest()  # noqa: E731 (fixture uids)
 
 EXPECTED = {

@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
+from data_paths import ASSETS
 
 from data_pipeline import conventions as C
 from data_pipeline.render import (RenderError, RenderSettings, ccm_from_depth, orbit_cameras,
                                   render_object)
 from mesh_oracle import compare_frame, expected_axes, interior_colours, load_world_mesh
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-if not ASSETS.is_dir():
-    ASSETS = Path("/work/shared/assets")
 ASSET_FILES = ["Duck.glb", "BoxTextured.glb", "monkey.glb", "fuze/fuze.obj", "spot.obj", "teapot.obj"]
 FAST = RenderSettings(resolution=128, samples=8, frames=(0, 9), denoise=False, timeout_s=300)
 

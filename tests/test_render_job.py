@@ -16,15 +16,14 @@ import pytest
 import trimesh
 import yaml
 from conftest import REPO, run_pipeline
+from data_paths import ASSETS
 from PIL import Image
 
 from data_pipeline import conventions as C
 from data_pipeline.manifest import read_manifest
 from data_pipeline.shards import decode_sample, iter_shard, list_shards
 
-ASSETS = Path("/work/shared/assets")
 FAST = ["--resolution", "64", "--samples", "4", "--workers", "2"]
-
 
 
 def all_keys(folder: Path) -> list[str]:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_paths import ASSETS
 
 from data_pipeline.blender_process import BlenderProcess
 from data_pipeline.render import FRESH_RETRY_WARNING, RenderError, RenderSettings, render_object
 
 pytestmark = pytest.mark.blender
 
-ASSETS = Path("/work/shared/assets")
 DUCK, FUZE = ASSETS / "Duck.glb", ASSETS / "fuze" / "fuze.obj"
 TINY = RenderSettings(resolution=32, samples=4, frames=(0, 7), denoise=True, timeout_s=300)
 ONE_FRAME = RenderSettings(resolution=32, samples=1, frames=(0,), num_orbits=1, denoise=False, timeout_s=300)

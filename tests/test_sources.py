@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import trimesh
 from trimesh.resolvers import FilePathResolver
+from data_paths import ASSETS
 
 from data_pipeline.conventions import sample_key
 from data_pipeline.sources import (
@@ -17,8 +18,6 @@ from data_pipeline.sources import (
     local_objects,
     resolve_path,
 )
-
-ASSETS = Path("/work/shared/assets")
 
 
 def test_local_objects_on_the_shared_assets():

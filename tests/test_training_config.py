@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from training.config import apply_overrides, load_config
+from data_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "training" / "configs" / "tiny.yaml"
 
 
