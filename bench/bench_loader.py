@@ -3,7 +3,7 @@
     python bench/bench_loader.py [--shards DIR] [--resolution 512] [--model-resolution 512]
         [--samples 24] [--workers 0 1 2]
 
-Without ``--shards`` it writes synthetic shards in the DESIGN section 3 format: an object disc
+Without ``--shards`` it writes synthetic shards in the docs/design.md section 3 format: an object disc
 with a smooth colour gradient plus 8-bit noise (so PNG compression is no easier than on a
 render), CCM with a gradient. ``--workers 0`` measures one process (= the rate of one worker).
 """

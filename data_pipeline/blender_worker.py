@@ -251,7 +251,7 @@ def vertex_array(obj) -> np.ndarray:
 
 
 def normalize_object(obj) -> tuple[float, np.ndarray]:
-    """Scale and centre the mesh into [-0.5, 0.5]^3 (DESIGN section 2).
+    """Scale and centre the mesh into [-0.5, 0.5]^3 (docs/design.md section 2).
 
     Uses the bounding box of the vertices that faces reference. ``p' = scale * p + offset``.
     Returns (scale, offset [3]).

@@ -1,4 +1,4 @@
-"""The project's conventions (DESIGN.md section 2 and 3): defined here once, imported everywhere.
+"""The project's conventions (docs/design.md sections 2 and 3): defined here once, imported everywhere.
 
 Numpy only, so that render workers can use it without importing torch.
 
@@ -34,7 +34,7 @@ DEFAULT_FOV_DEG = 39.6
 DEFAULT_RESOLUTION = 512
 WORLD_UP = np.array([0.0, 0.0, 1.0])
 
-# Training view selection (DESIGN section 4): the condition frame s, then every 2nd frame.
+# Training view selection (docs/design.md section 4): the condition frame s, then every 2nd frame.
 TRAIN_NUM_VIEWS = 8
 TRAIN_FRAME_STRIDE = 2
 

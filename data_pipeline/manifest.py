@@ -1,4 +1,4 @@
-"""The job manifest: one Parquet row per object (DESIGN.md section 3).
+"""The job manifest: one Parquet row per object (docs/design.md section 3).
 
 Status values: ``filtered`` (rejected before rendering, ``reason`` says by which rule),
 ``pending`` (to render), ``done`` (its samples are in ``shard``), ``failed`` (``reason`` says

@@ -4,7 +4,7 @@
 worker process (:mod:`data_pipeline.blender_worker`, driven by
 :mod:`data_pipeline.blender_process`) under a timeout and a memory cap, one process per object
 or one kept alive across objects; this module never imports ``bpy``. The worker returns RGBA and the z-depth of each pixel
-centre's ray; the CCM is computed here from the depth (DESIGN section 2)::
+centre's ray; the CCM is computed here from the depth (docs/design.md section 2)::
 
     X_cam = d K^-1 (u + 0.5, v + 0.5, 1)^T,  X_world = c2w X_cam,  ccm = X_world + 0.5
 
@@ -85,7 +85,7 @@ class OrbitRender:
     ccm: np.ndarray  # float32 [F, H, W, 3] in [0, 1], 0 where alpha == 0
     c2w: np.ndarray  # float32 [F, 4, 4] OpenCV axes, world = normalised object frame
     K: np.ndarray  # float32 [F, 3, 3] pixels
-    meta: dict  # the sample's <key>.json (DESIGN section 3)
+    meta: dict  # the sample's <key>.json (docs/design.md section 3)
 
 
 class RenderError(RuntimeError):
@@ -131,7 +131,7 @@ def check_mesh_file(mesh_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- cameras
 def orbit_cameras(uid: str, orbit: int, settings: RenderSettings) -> dict:
-    """The cameras of one orbit (DESIGN section 2), seeded by ``uid``.
+    """The cameras of one orbit (docs/design.md section 2), seeded by ``uid``.
 
     Returns dict(elevation float, azimuths [F] degrees, c2w [F, 4, 4] OpenCV, K [F, 3, 3]).
     """
@@ -144,7 +144,7 @@ def orbit_cameras(uid: str, orbit: int, settings: RenderSettings) -> dict:
 
 # ----------------------------------------------------------------------------- CCM
 def ccm_from_depth(depth: np.ndarray, alpha: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> np.ndarray:
-    """Canonical coordinate map of one frame from its pixel-centre z-depth (DESIGN section 2).
+    """Canonical coordinate map of one frame from its pixel-centre z-depth (docs/design.md section 2).
 
     Pixels with ``alpha > 0`` whose centre ray misses (``depth`` not finite) take the CCM of
     the nearest pixel that hits; pixels with ``alpha == 0`` are 0.

@@ -1,4 +1,4 @@
-"""WebDataset shards of rendered orbits (DESIGN.md section 3, a contract).
+"""WebDataset shards of rendered orbits (docs/design.md section 3, a contract).
 
 One sample per (object, orbit), key ``<uid>_o<k>``, members
 

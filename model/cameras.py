@@ -90,7 +90,7 @@ def pixel_rays(
 
 
 def plucker_rays(c2w: torch.Tensor, K: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Per-pixel Plücker coordinates ``(o x d, d)`` of the world rays (DESIGN section 4).
+    """Per-pixel Plücker coordinates ``(o x d, d)`` of the world rays (docs/design.md section 4).
 
     ``d`` is the unit direction through the pixel centre, ``o`` the camera centre.
 

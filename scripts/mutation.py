@@ -161,7 +161,7 @@ MUTANTS = [
       "return dict(loss=mse + lp, mse=mse, lpips=lp)", (LGM, _A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips", _A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient")),
     M("lgm_loss.lpips_at_weight_zero", LOSS, "if lpips_weight > 0:", "if lpips_weight >= 0:", (LGM, _A1 + "test_total_loss_is_diffusion_plus_mse_plus_lambda_lpips", _A1 + "test_lpips_term_alone_gives_lgm_its_weighted_gradient")),
     M("lgm_loss.no_resize_above_256", LOSS, "if pred.shape[-1] > LPIPS_MAX_SIZE:", "if False:", (LGM, "tests/test_metrics.py")),
-    # ---------------------------------------------------------------- conventions (DESIGN section 2)
+    # ---------------------------------------------------------------- conventions (docs/design.md section 2)
     M("conventions.focal_uses_full_fov", CONVF, "f = (resolution / 2.0) / math.tan(math.radians(fov_deg) / 2.0)",
       "f = (resolution / 2.0) / math.tan(math.radians(fov_deg))", (CONV,)),
     M("conventions.down_axis_flipped", CONVF, "down = np.cross(forward, right)", "down = np.cross(right, forward)", (CONV,)),

@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md section 2, checked by independent computations."""
+"""The contract of docs/design.md section 2, checked by independent computations."""
 
 import math
 

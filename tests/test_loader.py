@@ -1,6 +1,6 @@
 """Streaming loader: batch layout, frame selection, model frame, determinism, resume, corrupt data.
 
-Shards are written here from arrays in the DESIGN section 3 format with webdataset's own
+Shards are written here from arrays in the docs/design.md section 3 format with webdataset's own
 TarWriter; expected values come from independent constructions (scipy rotations, the
 shard's own arrays), not from the loader's code.
 """

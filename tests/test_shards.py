@@ -1,4 +1,4 @@
-"""Shard format (DESIGN section 3) read back with plain tarfile + independent decoders, and with
+"""Shard format (docs/design.md section 3) read back with plain tarfile + independent decoders, and with
 webdataset; ShardWriter atomicity and grouping; CorruptSampleError on damaged samples."""
 
 import io

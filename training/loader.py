@@ -1,7 +1,7 @@
-"""Streaming training loader: WebDataset shards (DESIGN section 3) -> training batches (docs/interfaces.md).
+"""Streaming training loader: WebDataset shards (docs/design.md section 3) -> training batches (docs/interfaces.md).
 
 One shard sample is one (object, orbit) with 16 frames. Per sample the loader picks the
-condition frame ``s`` (seeded), keeps frames ``s, s+2, ..., s+14 (mod 16)`` (DESIGN section 4),
+condition frame ``s`` (seeded), keeps frames ``s, s+2, ..., s+14 (mod 16)`` (docs/design.md section 4),
 composites RGBA over the background, resizes to the model resolution, and expresses cameras
 and CCM in the model frame of the condition view (``conventions.to_condition_frame``).
 
@@ -120,7 +120,7 @@ def _opened(urls, handler) -> Iterator[dict]:
 
 # ----------------------------------------------------------------------------- one sample
 def decode_views(sample: dict, frames) -> dict:
-    """Decode the selected frames of one raw shard sample (members of DESIGN section 3).
+    """Decode the selected frames of one raw shard sample (members of docs/design.md section 3).
 
     Every member of the contract must be present (an incomplete sample is corrupt), but only
     the selected frames' PNGs are decoded.
