@@ -17,12 +17,13 @@ import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from data_pipeline.atomic import atomic_write_text
 
-# LGM's keep list (MIT, see objaverse_lists/README.md): the paper's ~80K objects.
-LGM_LIST = Path(__file__).resolve().parent / "objaverse_lists" / "lgm_kiuisobj_v1_merged_80K.csv"
+# LGM's keep list (MIT, see objaverse_lists/README.md): the paper's ~80K objects, package data.
+LGM_LIST = resources.files("data_pipeline") / "objaverse_lists" / "lgm_kiuisobj_v1_merged_80K.csv"
 # Objaverse 1.0 uids: 32 hex digits, and a few Sketchfab-style ids of 26-27 letters and digits.
 OBJAVERSE_UID = re.compile(r"[0-9a-f]{32}|[0-9A-Za-z]{26,27}")
 AGREEMENT_KEYS = ("kept by both", "kept by the list only", "kept by the rules only", "kept by neither")

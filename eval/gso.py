@@ -13,9 +13,10 @@ Names of the selection that the root lacks are reported, not silently dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-DEFAULT_SELECTION = Path(__file__).with_name("gso_selection.txt")
+DEFAULT_SELECTION = resources.files("eval") / "gso_selection.txt"  # package data
 MESH_RELPATH = Path("meshes") / "model.obj"
 TEXTURE_RELPATH = Path("materials") / "textures" / "texture.png"
 

@@ -1,13 +1,17 @@
 """Training configuration: one YAML file -> typed dataclasses (unknown keys are errors).
 
 See ``training/configs/tiny.yaml`` (CPU demo, overfits a few objects) and
-``training/configs/full.yaml`` (the paper's run, section 4.1).
+``training/configs/full.yaml`` (the paper's run, section 4.1). The files of ``training/configs``
+are package data: ``--config tiny`` names one of them from anywhere, a path names any other file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import yaml
@@ -141,10 +145,33 @@ def _scalar(value):
     return value
 
 
-def load_config(path: str | Path, assignments: list[str] = ()) -> TrainConfig:
-    """Read and validate a training YAML, with ``--set`` assignments applied (see
-    :func:`apply_overrides`); errors name the file and the key."""
-    path = Path(path)
+PRESET_DIR = resources.files("training") / "configs"  # the shipped configs (package data)
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped training configs (``training/configs/<name>.yaml``)."""
+    return sorted(f.name[: -len(".yaml")] for f in PRESET_DIR.iterdir() if f.name.endswith(".yaml"))
+
+
+def resolve_config(spec: str | Path) -> Path | Traversable:
+    """``--config``: an existing YAML file, or the name of a shipped config (``tiny``, ``full``...).
+
+    Raises:
+        ValueError naming the argument and the shipped names when it is neither.
+    """
+    if Path(spec).is_file():
+        return Path(spec)
+    if re.fullmatch(r"[A-Za-z0-9_\-]+", str(spec)) and (PRESET_DIR / f"{spec}.yaml").is_file():
+        return PRESET_DIR / f"{spec}.yaml"
+    raise ValueError(f"{spec}: no such training config file, nor a shipped config name "
+                     f"({', '.join(preset_names())})")
+
+
+def load_config(spec: str | Path, assignments: list[str] = ()) -> TrainConfig:
+    """Read and validate a training YAML (a file or a shipped name, :func:`resolve_config`),
+    with ``--set`` assignments applied (see :func:`apply_overrides`); errors name the file and
+    the key."""
+    path = resolve_config(spec)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:

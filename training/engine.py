@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ import torch
 from training.config import TrainConfig
 from training.loader import rng_seed
 
-DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "infra" / "deepspeed"
+# The DeepSpeed configs of infra/deepspeed, package data of the ``infra`` package.
+DEEPSPEED_DIR = resources.files("infra") / "deepspeed"
 
 
 def _free_port() -> int:

@@ -38,7 +38,8 @@ log = logging.getLogger("training")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="training YAML (training/configs/*.yaml)")
+    p.add_argument("--config", required=True,
+                   help="training YAML file, or a shipped config by name: tiny, full, tiny_joint, ... (training/configs)")
     p.add_argument("--data", required=True, help="shard pattern: dir, glob, {a..b} braces, pipe:, URLs; '::' joins")
     p.add_argument("--output", required=True, help="run folder")
     p.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
