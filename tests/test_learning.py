@@ -24,8 +24,8 @@ from model.config import preset
 from model.ouroboros import Ouroboros3D
 from training.loader import decode_views, to_training_views
 from data_pipeline.conventions import training_frame_indices
+from data_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SIGMAS = (0.5, 1.0, 2.0)
 
 
@@ -68,7 +68,7 @@ def test_diffusion_training_on_one_object_lowers_the_x0_error(demo_shards):
         before = x0_error(model, batch)
         model.train()
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3, weight_decay=0.0)
-        for step in range(120):
+        for step in range(80):
             out = model.training_losses(batch, generator=torch.Generator().manual_seed(step))
             opt.zero_grad()
             out["loss"].backward()
@@ -78,7 +78,7 @@ def test_diffusion_training_on_one_object_lowers_the_x0_error(demo_shards):
         after = x0_error(model, batch)
     finally:
         torch.set_num_threads(threads)
-    assert after < 0.5 * before, (before, after)  # seen: 0.278 -> 0.085
+    assert after < 0.5 * before, (before, after)  # seen: 0.278 -> 0.088 (0.085 after 120 steps)
 
 
 def test_fresh_adapters_leave_a_pretrained_model_unchanged(tmp_path):
@@ -118,13 +118,13 @@ def test_autoencoder_trainer_output_loads_and_round_trips(demo_shards, tmp_path)
 
     out = tmp_path / "ae"
     cmd = [sys.executable, "-m", "training.autoencoder", "--data", str(demo_shards), "--output", str(out),
-           "--steps", "150", "--batch", "1", "--num-workers", "0", "--checkpoint-every", "75",
+           "--steps", "100", "--batch", "1", "--num-workers", "0", "--checkpoint-every", "50",
            "--scale-batches", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "autoencoder.json").read_text())
-    assert summary["steps"] == 150 and (out / "roundtrip.png").is_file()
+    assert summary["steps"] == 100 and (out / "roundtrip.png").is_file()
     # scaling factor = 1 / std of the latents, written into the saved VAE config
     saved = json.loads((out / "svd" / "vae" / "config.json").read_text())
     assert saved["scaling_factor"] == pytest.approx(1 / summary["latent_std"])
@@ -140,14 +140,14 @@ def test_autoencoder_trainer_output_loads_and_round_trips(demo_shards, tmp_path)
 
     with torch.no_grad():
         good, bad = psnr(trained), psnr(random_vae)
-    assert good > bad + 6.0, (good, bad)
+    assert good > bad + 6.0, (good, bad)  # seen: 13.98 vs 7.08 dB at 100 steps (6.45 dB apart at 60)
 
-    # resume: a longer run continues from step 150 instead of starting over
-    cmd[cmd.index("--steps") + 1] = "160"
+    # resume: a longer run continues from step 100 instead of starting over
+    cmd[cmd.index("--steps") + 1] = "110"
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (out / "losses.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 161))
+    assert steps == list(range(1, 111))
 
 
 def test_autoencoder_trainer_writes_a_coherent_folder_for_a_wider_latent(demo_shards, tmp_path):

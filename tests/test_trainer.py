@@ -19,13 +19,14 @@ import socket
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from data_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 FAST_MODEL = dict(feedback="none", joint_training=False)
 
 
@@ -165,8 +166,8 @@ def test_kill_and_resume_of_full_algorithm1_matches_uninterrupted_run(demo_shard
     config.write_text(yaml.safe_dump(cfg))
     data = str(demo_shards / "shard-000000.tar")
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run_main(config, data, whole)
-    run_main(config, data, parts, "--max-steps", "2")
+    with ThreadPoolExecutor(2) as pool:  # two independent runs, side by side on the 2 cores
+        list(pool.map(lambda args: run_main(config, data, *args), [(whole,), (parts, "--max-steps", "2")]))
     run_main(config, data, parts, "--resume", "auto")
     assert json.loads((whole / "lpips_trunk.json").read_text())["lpips_trunk"]["real"] is True
     want, got = losses(whole), losses(parts)
