@@ -115,3 +115,39 @@ def tiny_checkpoint(demo_shards, tmp_path_factory) -> str:
     if proc.returncode != 0:
         pytest.fail(f"training/main.py exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return str(run / "out" / "export")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (moto's server mode) on a free loopback port, for the session. Tests reach
+    it through the ``s3_bucket`` fixture, only by the standard AWS configuration."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield {"server": server, "endpoint": f"http://127.0.0.1:{port}", "port": port}
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """``s3://test-bucket`` on a freshly reset ``s3_server``, with the AWS environment a user of a
+    MinIO would set (``AWS_ENDPOINT_URL``, keys, region); subprocesses inherit it."""
+    import urllib.request
+
+    import fsspec
+
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server['endpoint']}/moto-api/reset", method="POST"))
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("test-bucket")
+    return "s3://test-bucket"
