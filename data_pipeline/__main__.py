@@ -3,7 +3,7 @@
     python -m data_pipeline render --input <dir> --output <dir> --resolution 128
     python -m data_pipeline render --source demo --count 12 --output <dir> --resolution 128
     python -m data_pipeline render --source objaverse --limit 1000 --output <dir>   # LGM's 80K list
-    python -m data_pipeline render --source objaverse --output <dir> --ray-address auto --gpus-per-task 0.5
+    python -m data_pipeline render --source objaverse --output s3://bucket/shards --ray-address auto --gpus-per-task 0.5
     python -m data_pipeline filter --output <dir> [--objaverse-list lgm]   # the rules, against LGM's list
 """
 
@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import tempfile
 from pathlib import Path
 
 from data_pipeline import objaverse_filter
 from data_pipeline.atomic import atomic_path
+from data_pipeline.storage import Store, is_remote
 
 
 NO_LIST = "none"
@@ -75,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     render.add_argument("--input", type=Path, help="folder of meshes (implies --source local)")
     render.add_argument("--count", type=int, default=12, help="demo objects to make")
     render.add_argument("--seed", type=int, default=0, help="demo object seed")
-    render.add_argument("--output", type=Path, required=True)
+    render.add_argument("--output", required=True,
+                        help="a local folder or an object store URL (s3://bucket/prefix, gs://..., file://...)")
     render.add_argument("--resolution", type=int, default=512)
     render.add_argument("--samples", type=int, default=32, help="Cycles samples per pixel")
     render.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "optix"))
@@ -124,6 +127,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def demo_folder(output: str) -> Path:
+    """Where the demo objects' meshes are written: beside the shards in a local output, in this
+    machine's temporary folder for an object store (the workers read them from local disk)."""
+    if is_remote(output):
+        return Path(tempfile.gettempdir()) / "ouroboros3d-demo-objects"
+    return Path(output.removeprefix("file://")) / "demo_objects"
+
+
 def command_render(args) -> int:
     from data_pipeline.job import JobConfig, run_job
     from data_pipeline.render import RenderSettings
@@ -133,14 +144,13 @@ def command_render(args) -> int:
     if args.source == "local":
         records = local_objects(args.input)
     elif args.source == "demo":
-        records = demo_objects(args.count, args.output / "demo_objects", seed=args.seed)
+        records = demo_objects(args.count, demo_folder(args.output), seed=args.seed)
     else:
         # the keep list decides; rules on top only when asked (or when there is no list)
         apply_rules = args.apply_rules or args.objaverse_list is None
         records, filtered, summary = _objaverse(args, apply_rules)
         print(summary)
-        args.output.mkdir(parents=True, exist_ok=True)
-        summary.save(args.output / "filter_summary.json")
+        Store(args.output).write_bytes("filter_summary.json", summary.to_json().encode())
     if not records:
         print("no objects to render", file=sys.stderr)
         return 1
@@ -162,8 +172,7 @@ def command_render(args) -> int:
 def command_filter(args) -> int:
     records, _, summary = _objaverse(args, apply_rules=True)
     print(summary)
-    args.output.mkdir(parents=True, exist_ok=True)
-    summary.save(args.output / "filter_summary.json")
+    Store(args.output).write_bytes("filter_summary.json", summary.to_json().encode())
     keep = args.output / "objaverse_keep.csv"
     with atomic_path(keep) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -1,17 +1,22 @@
 """A picture of what a job rendered: one row per object, a few frames of RGBA (over grey) and
-the same frames' canonical coordinate maps."""
+the same frames' canonical coordinate maps.
+
+The render workers draw each unit's first object (:func:`labelled_row`, a fixed-size PNG that
+travels in the unit's result); the driver stacks the rows (:func:`contact_sheet`), so it never
+reads a shard back.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipeline.atomic import atomic_path
-from data_pipeline.shards import decode_sample, iter_shard
-
 GREY = 128
+FRAMES = (0, 4, 8, 12)
+TILE = 96
+LABEL_HEIGHT = 14
 
 
 def over_grey(rgba: np.ndarray) -> np.ndarray:
@@ -21,7 +26,7 @@ def over_grey(rgba: np.ndarray) -> np.ndarray:
     return np.round(rgb).astype(np.uint8)
 
 
-def object_row(sample: dict, frames=(0, 4, 8, 12), tile: int = 96) -> np.ndarray:
+def object_row(sample: dict, frames=FRAMES, tile: int = TILE) -> np.ndarray:
     """A decoded sample -> RGB uint8 [tile, 2 * len(frames) * tile, 3]: RGBA frames, then CCMs."""
     tiles = [over_grey(sample["rgba"][i]) for i in frames]
     tiles += [np.round(sample["ccm"][i] * 255).astype(np.uint8) for i in frames]
@@ -29,31 +34,24 @@ def object_row(sample: dict, frames=(0, 4, 8, 12), tile: int = 96) -> np.ndarray
     return np.concatenate(resized, axis=1)
 
 
-def write_contact_sheet(shard_paths, out_path: str | Path, max_objects: int = 16,
-                        frames=(0, 4, 8, 12), tile: int = 96) -> Path | None:
-    """Write a PNG grid of the first orbit (``_o0``) of up to ``max_objects`` objects.
+def labelled_row(sample: dict, frames=FRAMES, tile: int = TILE) -> np.ndarray:
+    """:func:`object_row` under a band with the object's uid: RGB uint8
+    [LABEL_HEIGHT + tile, 2 * len(frames) * tile, 3], whatever the render's resolution."""
+    band = Image.new("RGB", (2 * len(frames) * tile, LABEL_HEIGHT), (32, 32, 32))
+    ImageDraw.Draw(band).text((3, 1), f"{sample['meta'].get('uid', sample['key'])}  (RGBA | CCM)",
+                              fill=(230, 230, 230))
+    return np.concatenate([np.asarray(band), object_row(sample, frames, tile)], axis=0)
+
+
+def contact_sheet(rows_png: list[bytes], max_objects: int = 16) -> bytes | None:
+    """Stack up to ``max_objects`` rows (PNG bytes of :func:`labelled_row`) into one PNG.
 
     Returns:
-        the PNG path, or None when the shards hold no sample.
+        the PNG's bytes, or None when there is no row.
     """
-    label_h = 14
-    rows = []
-    for shard in shard_paths:
-        for raw in iter_shard(shard):
-            if not raw["__key__"].endswith("_o0"):
-                continue
-            sample = decode_sample(raw)
-            band = Image.new("RGB", (2 * len(frames) * tile, label_h), (32, 32, 32))
-            ImageDraw.Draw(band).text((3, 1), f"{sample['meta'].get('uid', raw['__key__'])}  "
-                                      f"(RGBA | CCM)", fill=(230, 230, 230))
-            rows += [np.asarray(band), object_row(sample, frames, tile)]
-            if len(rows) // 2 >= max_objects:
-                break
-        if len(rows) // 2 >= max_objects:
-            break
+    rows = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in rows_png[:max_objects]]
     if not rows:
         return None
-    out_path = Path(out_path)
-    with atomic_path(out_path, suffix=".png") as tmp:
-        Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
-    return out_path
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(rows, axis=0)).save(buffer, format="PNG")
+    return buffer.getvalue()

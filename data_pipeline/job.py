@@ -1,47 +1,61 @@
-"""The render job: objects -> Ray (persistent Blender actors, or one task and Blender process
-per object: :mod:`data_pipeline.render_workers`) -> shards written by the driver as results
-arrive -> manifest.
+"""The render job: objects -> work units on Ray (persistent Blender actors, or one task and a
+Blender process per object: :mod:`data_pipeline.render_workers`) -> each unit's shard written
+to the output store by the worker that rendered it -> manifest, written by the driver.
 
-Durability: a shard is renamed to its final name only when complete, and only then does the
-manifest mark its objects ``done`` (the manifest file is rewritten soon after, see
-MANIFEST_FLUSH_S). A kill in between leaves a finished shard that no row names: the next run
-adopts it (its objects become ``done``) instead of rendering them again, so samples are never
-duplicated; samples of a shard that was still open were never committed and their objects
-are simply rendered again.
+The output is a local folder or an object store (``s3://bucket/prefix``, any fsspec URL:
+:class:`data_pipeline.storage.Store`). The driver hands out units and records small results; it
+never receives pixels.
+
+Exactly once: a unit's shard name is fixed when the unit is planned, and the plan is in the
+manifest (a pending object's ``shard``) before any unit starts. A shard appears under its final
+name only when complete (a rename, or one upload), its index after it, the manifest last. A
+re-run lists the store: a finished shard that no ``done`` row names (a kill after its commit) is
+adopted, its objects ``done``; a planned unit whose shard is not there is rendered again into the
+same name; unfinished writes (temporaries, multipart uploads) are removed. So every object ends
+in exactly one shard, however often the job is killed and started again.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from tqdm import tqdm
 
-from data_pipeline.atomic import atomic_write_text, remove_stale_temporaries
-from data_pipeline.contact_sheet import write_contact_sheet
-from data_pipeline.conventions import key_uid
+from data_pipeline.contact_sheet import contact_sheet
+from data_pipeline.conventions import NUM_ORBITS, key_uid
 from data_pipeline.manifest import (
     ManifestRow,
+    manifest_bytes,
     merge_records,
-    read_manifest,
+    parse_manifest,
     status_counts,
-    write_manifest,
 )
 from data_pipeline.render import RenderSettings
-from data_pipeline.render_workers import WORKER_MODES, ActorPool, TaskPool, TaskResult
-from data_pipeline.shards import ShardWriter, list_shards
+from data_pipeline.render_workers import WORKER_MODES, ActorPool, ObjectResult, TaskPool, Unit, UnitResult
+from data_pipeline.shards import (
+    SHARD_GLOB,
+    SHARD_PATTERN,
+    ShardInfo,
+    index_name,
+    is_shard_name,
+    shard_index,
+)
 from data_pipeline.sources import ObjectRecord
+from data_pipeline.storage import Store
 
 MANIFEST_NAME = "manifest.parquet"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 SUMMARY_NAME = "job_summary.json"
+CONTACT_SHEET_OBJECTS = 16
 # The manifest is rewritten whole while rendering at most every MANIFEST_FLUSH_S seconds, or
 # every MANIFEST_WRITE_RATIO times as long as a write took (large manifests: Objaverse's 800K
-# rows take seconds), and at the end. A shard finished in between and not yet recorded is
-# adopted by the next run (reconcile_shards).
+# rows take seconds; an object store adds the upload), and at the end. A shard committed in
+# between and not yet recorded is adopted by the next run (reconcile_shards).
 MANIFEST_FLUSH_S = 10.0
 MANIFEST_WRITE_RATIO = 10.0
 CLUSTER_IN_FLIGHT = 1024
@@ -58,7 +72,7 @@ class JobConfig:
     ``objects_per_worker`` objects or until it holds more than ``recycle_rss_gb`` of memory)
     or ``per-object`` (a Ray task and a Blender process per object)."""
 
-    output: Path
+    output: str  # a local folder or an fsspec URL (s3://bucket/prefix)
     settings: RenderSettings = field(default_factory=RenderSettings)
     workers: int | None = None
     ray_address: str | None = None
@@ -104,32 +118,48 @@ class JobSummary:
 
 
 # ----------------------------------------------------------------------------- resume
-def shard_uids(path: Path) -> set[str]:
-    """uids whose samples a finished shard holds (from member names ``<uid>_o<k>.*``)."""
-    with tarfile.open(path) as tar:
-        keys = {name.split(".", 1)[0] for name in tar.getnames()}
-    return {key_uid(key) for key in keys}
+def read_index(store: Store, shard: str) -> ShardInfo:
+    """A finished shard's index. A shard committed without one (a kill between the two writes)
+    gets it now, from its member names (read in one pass)."""
+    try:
+        return ShardInfo.from_json(store.read_bytes(index_name(shard)), store.url_of(index_name(shard)))
+    except FileNotFoundError:
+        pass
+    info = ShardInfo(name=shard)
+    with store.open(shard) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if not info.keys or info.keys[-1] != key:
+                info.keys.append(key)
+                if key_uid(key) not in info.uids:
+                    info.uids.append(key_uid(key))
+    store.write_bytes(index_name(shard), info.to_json())
+    return info
 
 
-def reconcile_shards(rows: dict[str, ManifestRow], output: Path) -> None:
-    """Make the manifest agree with the shards on disk.
+def reconcile_shards(rows: dict[str, ManifestRow], store: Store) -> list[str]:
+    """Make the manifest agree with the shards the store holds (a fresh listing).
 
-    A finished shard that no ``done`` row names (killed between the rename and the manifest
-    write) is adopted: its objects become ``done`` in it. A ``done`` row whose shard is gone
-    goes back to ``pending``.
+    A finished shard that no ``done`` row names (killed between its commit and the manifest
+    write) is adopted: its objects become ``done`` in it. A ``done`` row whose shard is gone goes
+    back to ``pending``.
+
+    Returns:
+        the names of the shards in the store.
     """
+    present = [name for name in store.list(SHARD_GLOB) if is_shard_name(name)]
     named = {row.shard for row in rows.values() if row.status == "done"}
-    for shard in list_shards(output):
-        if shard.name in named:
+    for shard in present:
+        if shard in named:
             continue
-        for uid in shard_uids(shard):
+        for uid in read_index(store, shard).uids:
             row = rows.get(uid) or ManifestRow(uid=uid, source="unknown", path="")
-            row.update(status="done", shard=shard.name, reason="adopted from an orphan shard")
+            row.update(status="done", shard=shard, reason="adopted from an orphan shard")
             rows[uid] = row
-    present = {shard.name for shard in list_shards(output)}
     for row in rows.values():
         if row.status == "done" and row.shard not in present:
             row.update(status="pending", shard=None, reason=f"shard {row.shard} missing")
+    return present
 
 
 def objects_to_render(rows: dict[str, ManifestRow], records: list[ObjectRecord],
@@ -141,6 +171,69 @@ def objects_to_render(rows: dict[str, ManifestRow], records: list[ObjectRecord],
         if row.status == "pending" or (row.status == "failed" and row.attempts <= max_retries):
             todo.append(record)
     return todo
+
+
+def plan_units(rows: dict[str, ManifestRow], todo: list[ObjectRecord], present: list[str],
+               objects_per_unit: int) -> list[Unit]:
+    """Work units for ``todo``, their shard names recorded in the rows (``shard`` of a row not
+    yet done is its planned shard).
+
+    An object planned into a shard that the store does not hold (a run killed before that unit
+    was committed) goes into the same unit again, under the same name: a late write of the killed
+    run and this one land on one name. The others go into new units of ``objects_per_unit``
+    objects, numbered after every shard name the store or the manifest holds.
+    """
+    planned: dict[str, list[ObjectRecord]] = {}
+    fresh = []
+    for record in todo:
+        shard = rows[record.uid].shard
+        if shard and rows[record.uid].status == "pending" and shard not in present:
+            planned.setdefault(shard, []).append(record)
+        else:
+            fresh.append(record)
+    used = set(present) | {row.shard for row in rows.values() if row.shard}
+    number = max((shard_index(name) for name in used), default=-1) + 1
+    units = [Unit(name, records) for name, records in sorted(planned.items())]
+    for start in range(0, len(fresh), objects_per_unit):
+        units.append(Unit(SHARD_PATTERN % number, fresh[start:start + objects_per_unit]))
+        number += 1
+    for unit in units:
+        for record in unit.records:
+            rows[record.uid].update(shard=unit.shard)
+    return units
+
+
+def ask_for_previews(units: list[Unit], objects: int) -> None:
+    """The first units draw the contact sheet's ``objects`` rows (fixed-size PNGs in their
+    results); the others send none."""
+    for unit in units:
+        unit.previews = min(len(unit.records), objects)
+        objects -= unit.previews
+
+
+def objects_per_unit(config: JobConfig, objects: int) -> int:
+    """Objects in a unit: a shard's worth (``per_shard`` samples), but no more than what gives
+    every worker a unit, so that a small job still renders in parallel."""
+    if config.ray_address:
+        slots = config.actors or CLUSTER_ACTORS
+    else:
+        slots = config.actors or config.workers or os.cpu_count() or 1
+    return max(1, min(config.per_shard // NUM_ORBITS, math.ceil(objects / slots)))
+
+
+# ----------------------------------------------------------------------------- the manifest in the store
+def read_job_manifest(store: Store) -> dict[str, ManifestRow]:
+    """The manifest the store holds (empty when there is none); errors name its URL."""
+    try:
+        data = store.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        return {}
+    return parse_manifest(data, store.url_of(MANIFEST_NAME))
+
+
+def write_job_manifest(store: Store, rows) -> None:
+    """Write the manifest whole and atomically into the store."""
+    store.write_bytes(MANIFEST_NAME, manifest_bytes(rows))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -165,14 +258,14 @@ def in_flight_window(ray, config: JobConfig) -> int:
     return max(2, 2 * int(resources.get("GPU" if config.gpus_per_task else "CPU", 1)))
 
 
-def make_pool(ray, config: JobConfig, objects: int):
-    """The worker pool of ``config.worker_mode``, never larger than the work (``objects``).
+def make_pool(ray, config: JobConfig, units: int):
+    """The worker pool of ``config.worker_mode``, never larger than the work (``units``).
     Persistent actors: ``config.actors``, else one per local CPU (or GPU share), on a cluster
     CLUSTER_ACTORS (pending actors, like pending tasks, make the autoscaler add nodes);
     ``max_in_flight`` caps them too."""
     window = config.max_in_flight or in_flight_window(ray, config)
     if config.worker_mode == "per-object":
-        return TaskPool(ray, config.settings, window, config.gpus_per_task)
+        return TaskPool(ray, config.settings, config.output, window, config.gpus_per_task)
     if config.actors:
         actors = config.actors
     elif config.ray_address:
@@ -181,8 +274,8 @@ def make_pool(ray, config: JobConfig, objects: int):
         resources = ray.cluster_resources()
         share = config.gpus_per_task or 1.0
         actors = max(1, int(resources.get("GPU" if config.gpus_per_task else "CPU", 1) / share))
-    actors = min(actors, objects, window)
-    return ActorPool(ray, config.settings, actors, window, config.gpus_per_task,
+    actors = min(actors, units, window)
+    return ActorPool(ray, config.settings, config.output, actors, window, config.gpus_per_task,
                      config.objects_per_worker, config.recycle_rss_gb)
 
 
@@ -190,31 +283,34 @@ def run_job(records: list[ObjectRecord], config: JobConfig,
             filtered: list[tuple[ObjectRecord, str]] = ()) -> JobSummary:
     """Render every object of ``records`` not yet done into ``config.output``.
 
-    Writes ``shard-*.tar``, ``manifest.parquet``, ``contact_sheet.png`` and ``job_summary.json``.
-    Re-running skips ``done`` objects and retries ``failed`` ones up to ``max_retries`` times.
+    Writes ``shard-*.tar`` with their ``shard-*.index.json``, ``manifest.parquet``,
+    ``contact_sheet.png`` and ``job_summary.json``. Re-running skips ``done`` objects and retries
+    ``failed`` ones up to ``max_retries`` times.
     """
     started = time.perf_counter()
-    output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    manifest_path = output / MANIFEST_NAME
+    store = Store(config.output)
     duplicates = len(records) - len({r.uid for r in records})
     if duplicates:
         raise ValueError(f"{duplicates} objects share a uid: uids must be unique")
 
-    remove_stale_temporaries(manifest_path)  # a manifest write cut short by a kill
-    rows = read_manifest(manifest_path)
+    store.remove_unfinished_writes()  # writes cut short by a kill: temporaries, multipart uploads
+    rows = read_job_manifest(store)
     merge_records(rows, records, filtered)
-    reconcile_shards(rows, output)
-    write_manifest(manifest_path, rows.values())
+    present = reconcile_shards(rows, store)
     todo = objects_to_render(rows, records, config.max_retries)
+    units = plan_units(rows, todo, present, objects_per_unit(config, len(todo)))
+    if config.contact_sheet:
+        ask_for_previews(units, CONTACT_SHEET_OBJECTS)
+    write_job_manifest(store, rows.values())  # the plan, before any unit starts
 
-    rendered, failed, seconds = 0, 0, []
-    if todo:
+    rendered, failed, seconds, previews = 0, 0, [], []
+    if units:
         ray = _init_ray(config)
         try:
-            rendered, failed, seconds = _render_all(ray, todo, rows, config, manifest_path)
+            rendered, failed, seconds, previews = _render_all(ray, units, rows, config, store)
         finally:
             ray.shutdown()
+        store.remove_unfinished_writes()  # what workers killed mid-unit left; their units were redone
 
     counts = status_counts(rows.values())
     wall = time.perf_counter() - started
@@ -223,24 +319,22 @@ def run_job(records: list[ObjectRecord], config: JobConfig,
         pending=counts["pending"], rendered_this_run=rendered, failed_this_run=failed,
         wall_seconds=wall, objects_per_hour=rendered / wall * 3600 if rendered else 0.0,
         mean_render_seconds=sum(seconds) / len(seconds) if seconds else None,
-        shards=len(list_shards(output)),
+        shards=sum(is_shard_name(name) for name in store.list(SHARD_GLOB)),
     )
-    atomic_write_text(output / SUMMARY_NAME,
-                      json.dumps({**asdict(summary), "settings": asdict(config.settings),
-                                  "worker_mode": config.worker_mode}, indent=2))
-    if config.contact_sheet:
-        done_shards = sorted({row.shard for row in rows.values() if row.status == "done"})
-        write_contact_sheet([output / s for s in done_shards], output / CONTACT_SHEET_NAME)
+    store.write_bytes(SUMMARY_NAME, json.dumps({**asdict(summary), "settings": asdict(config.settings),
+                                                "worker_mode": config.worker_mode}, indent=2).encode())
+    sheet = contact_sheet(previews, CONTACT_SHEET_OBJECTS) if previews else None
+    if sheet:
+        store.write_bytes(CONTACT_SHEET_NAME, sheet)
     return summary
 
 
-def _render_all(ray, todo, rows, config, manifest_path):
-    """Submit objects to the worker pool in a bounded window, write shards as results arrive,
-    keep the manifest in step. Returns (rendered, failed, [render seconds])."""
-    pool = make_pool(ray, config, len(todo))
-    queue, in_flight = list(reversed(todo)), {}
-    unrecorded: dict[str, TaskResult] = {}  # rendered, in the open shard, not yet in the manifest
-    rendered, failed, seconds = 0, 0, []
+def _render_all(ray, units: list[Unit], rows, config: JobConfig, store: Store):
+    """Submit units to the worker pool in a bounded window, record their results as they
+    arrive, keep the manifest in step. Returns (rendered, failed, [render seconds], [previews])."""
+    pool = make_pool(ray, config, len(units))
+    queue, in_flight = list(reversed(units)), {}
+    rendered, failed, seconds, previews = 0, 0, [], []
     last_write, write_cost, dirty = time.monotonic(), 0.0, False
 
     def flush(force: bool = False) -> None:
@@ -248,55 +342,49 @@ def _render_all(ray, todo, rows, config, manifest_path):
         wait = max(MANIFEST_FLUSH_S, MANIFEST_WRITE_RATIO * write_cost)
         if dirty and (force or time.monotonic() - last_write >= wait):
             start = time.monotonic()
-            write_manifest(manifest_path, rows.values())
+            write_job_manifest(store, rows.values())
             last_write, write_cost, dirty = time.monotonic(), time.monotonic() - start, False
 
-    def commit(closed) -> None:
-        """Objects of a shard that is complete under its final name become done."""
-        nonlocal dirty
-        for uid in closed.uids:
-            result = unrecorded.pop(uid)
-            rows[uid].update(status="done", reason=result.note, shard=closed.path.name,
-                             attempts=rows[uid].attempts + 1, render_seconds=result.seconds,
-                             size=result.size, sha256=result.sha256)
-        dirty = True
-
-    progress = tqdm(total=len(todo), desc="render", unit="obj", dynamic_ncols=True)
-    with ShardWriter(config.output, config.per_shard) as writer:
-        while queue or in_flight:
-            while queue and pool.has_room():
-                record = queue.pop()
-                in_flight[pool.submit(record)] = record
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            record = in_flight.pop(ready[0])
-            pool.finished(ready[0], queue_empty=not queue)
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayError as error:  # the worker died max_retries + 1 times
-                result = TaskResult(record.uid, False, 0.0, reason=f"worker died: {error}")
-            if result.ok:
+    progress = tqdm(total=sum(len(u.records) for u in units), desc="render", unit="obj", dynamic_ncols=True)
+    while queue or in_flight:
+        while queue and pool.has_room():
+            unit = queue.pop()
+            in_flight[pool.submit(unit)] = unit
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        unit = in_flight.pop(ready[0])
+        pool.finished(ready[0], queue_empty=not queue)
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayError as error:  # the worker died max_retries + 1 times
+            result = UnitResult(unit.shard, [ObjectResult(r.uid, False, 0.0, reason=f"worker died: {error}")
+                                             for r in unit.records])
+        record_unit(rows, result)
+        for obj in result.objects:
+            if obj.ok:
                 rendered += 1
-                seconds.append(result.seconds)
-                unrecorded[record.uid] = result
-                closed = writer.add_object(record.uid, result.samples)
-                result.samples = None
-                if closed:
-                    commit(closed)
+                seconds.append(obj.seconds)
             else:
                 failed += 1
-                row = rows[record.uid]
-                row.update(status="failed", reason=result.reason, attempts=row.attempts + 1,
-                           render_seconds=result.seconds)
-                dirty = True
-                tqdm.write(f"failed {record.uid}: {result.reason}")
-            flush()
-            progress.update(1)
-            progress.set_postfix(done=rendered, failed=failed)
-        closed = writer.close()
+                tqdm.write(f"failed {obj.uid}: {obj.reason}")
+        previews += result.previews
+        dirty = True
+        flush()
+        progress.update(len(unit.records))
+        progress.set_postfix(done=rendered, failed=failed)
     progress.close()
     pool.close()
-    if closed:
-        commit(closed)
-    dirty = True
     flush(force=True)
-    return rendered, failed, seconds
+    return rendered, failed, seconds, previews
+
+
+def record_unit(rows: dict[str, ManifestRow], result: UnitResult) -> None:
+    """A unit's outcome in the manifest rows: its rendered objects ``done`` in its shard (which is
+    committed, with its index, before the result is sent), the others ``failed`` with a reason."""
+    for obj in result.objects:
+        row = rows[obj.uid]
+        if obj.ok:
+            row.update(status="done", reason=obj.note, shard=result.shard, attempts=row.attempts + 1,
+                       render_seconds=obj.seconds, size=obj.size, sha256=obj.sha256)
+        else:
+            row.update(status="failed", reason=obj.reason, shard=None, attempts=row.attempts + 1,
+                       render_seconds=obj.seconds)

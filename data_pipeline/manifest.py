@@ -90,7 +90,7 @@ class ManifestRow:
 
 
 def read_manifest(path: str | Path) -> dict[str, ManifestRow]:
-    """Rows by uid; an absent file is an empty manifest.
+    """Rows by uid of a local manifest file; an absent file is an empty manifest.
 
     Raises:
         ValueError naming the file when it is not a manifest (unreadable, columns missing).
@@ -98,13 +98,18 @@ def read_manifest(path: str | Path) -> dict[str, ManifestRow]:
     path = Path(path)
     if not path.exists():
         return {}
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, ManifestRow]:
+    """Rows by uid of a manifest's bytes; ``where`` (its path or URL) names it in errors."""
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as error:
-        raise ValueError(f"{path}: not a readable Parquet manifest ({error})") from None
+        raise ValueError(f"{where}: not a readable Parquet manifest ({error})") from None
     missing = set(SCHEMA.names) - set(table.column_names)
     if missing - set(OPTIONAL_COLUMNS):
-        raise ValueError(f"{path}: manifest lacks columns {sorted(missing - set(OPTIONAL_COLUMNS))}")
+        raise ValueError(f"{where}: manifest lacks columns {sorted(missing - set(OPTIONAL_COLUMNS))}")
     columns = [
         [None] * table.num_rows if name in missing
         else _timestamps(table.column(name)) if pa.types.is_timestamp(SCHEMA.field(name).type)
@@ -123,15 +128,19 @@ def _timestamps(column: pa.ChunkedArray) -> list:
     return [None if us is None else epoch + dt.timedelta(microseconds=us) for us in micros]
 
 
-def write_manifest(path: str | Path, rows: Iterable[ManifestRow]) -> None:
-    """Write all rows (sorted by uid) atomically: temporary file, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
+    """All rows (sorted by uid) as a Parquet file's bytes."""
     ordered = sorted(rows, key=lambda r: r.uid)
     columns = {name: [getattr(row, name) for row in ordered] for name in SCHEMA.names}
-    table = pa.Table.from_pydict(columns, schema=SCHEMA)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA), buffer)
+    return buffer.getvalue().to_pybytes()
+
+
+def write_manifest(path: str | Path, rows: Iterable[ManifestRow]) -> None:
+    """Write all rows (sorted by uid) into a local file atomically: temporary file, fsync, rename."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        pq.write_table(table, handle)
+        handle.write(manifest_bytes(rows))
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from data_pipeline.atomic import atomic_write_text
 
 # LGM's keep list (MIT, see objaverse_lists/README.md): the paper's ~80K objects, package data.
 LGM_LIST = resources.files("data_pipeline") / "objaverse_lists" / "lgm_kiuisobj_v1_merged_80K.csv"
@@ -70,9 +69,8 @@ class FilterSummary:
                 f"{key} {self.agreement[key]}" for key in AGREEMENT_KEYS))
         return "\n".join(lines)
 
-    def save(self, path: str | Path) -> None:
-        """Write the summary as JSON (atomically)."""
-        atomic_write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True))
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
 
 
 def read_keep_list(path: str | Path) -> set[str]:

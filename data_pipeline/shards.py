@@ -8,20 +8,22 @@ One sample per (object, orbit), key ``<uid>_o<k>``, members
     <key>.intrinsics.npy    float32 [16, 3, 3] K in pixels
     <key>.json              the render's metadata
 
-Shards are written by webdataset's ``TarWriter`` into ``shard-%06d.tar.tmp`` and renamed to
-``shard-%06d.tar`` once complete, so a shard is never half-written under its final name. The
+A shard is one work unit's objects (:func:`write_shard`, webdataset's ``TarWriter``), written
+whole on the worker's local disk and then committed to the output under its final name in one
+step (:class:`data_pipeline.storage.Store`), so a shard is never half-written under that name;
+its index ``shard-%06d.index.json`` (uids, keys, size and checksum) is written after it. The
 samples of one object (its orbits) always go to the same shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -39,8 +41,9 @@ if TYPE_CHECKING:
     from data_pipeline.render import OrbitRender
 
 SHARD_PATTERN = "shard-%06d.tar"
+SHARD_GLOB = "shard-*.tar"
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.tar$")
-TMP_SUFFIX = ".tmp"
+INDEX_SUFFIX = ".index.json"  # shard-000000.tar -> shard-000000.index.json
 
 
 class CorruptSampleError(ValueError):
@@ -187,102 +190,70 @@ def iter_shard(path: str | Path) -> Iterator[dict]:
 
 # ----------------------------------------------------------------------------- writing
 def list_shards(out_dir: str | Path) -> list[Path]:
-    """Finished shards ``shard-NNNNNN.tar`` in a folder, by index."""
+    """Finished shards ``shard-NNNNNN.tar`` in a local folder, by index."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
-    return sorted(p for p in out_dir.iterdir() if _SHARD_RE.match(p.name))
+    return sorted(p for p in out_dir.iterdir() if is_shard_name(p.name))
+
+
+def is_shard_name(name: str) -> bool:
+    return _SHARD_RE.match(name) is not None
 
 
 def shard_index(path: str | Path) -> int:
-    match = _SHARD_RE.match(Path(path).name)
+    match = _SHARD_RE.match(Path(str(path)).name)
     if match is None:
         raise ValueError(f"{path}: not a shard name like {SHARD_PATTERN % 0}")
     return int(match.group(1))
 
 
+def index_name(shard_name: str) -> str:
+    """The index file of a shard: ``shard-000000.tar`` -> ``shard-000000.index.json``."""
+    return shard_name.removesuffix(".tar") + INDEX_SUFFIX
+
+
 @dataclass
-class ClosedShard:
-    """A shard that was completed and renamed to its final name."""
+class ShardInfo:
+    """What a finished shard holds: its index (``<shard>.index.json``), a few hundred bytes."""
 
-    path: Path
+    name: str
     uids: list[str] = field(default_factory=list)
-    num_samples: int = 0
+    keys: list[str] = field(default_factory=list)
     num_bytes: int = 0
+    sha256: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> "ShardInfo":
+        try:
+            return cls(**json.loads(data))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{where}: not a shard index ({error})") from None
 
 
-class ShardWriter:
-    """Writes objects' samples into ``shard-%06d.tar``, ``samples_per_shard`` samples each.
+def write_shard(path: str | Path, name: str, objects: Iterable[tuple[str, list[dict]]]) -> ShardInfo:
+    """Write objects' samples (``(uid, samples)`` pairs, samples from :func:`encode_object`) into
+    the local tar file ``path``, flushed; the caller commits it under ``name``.
 
-    A shard is written under ``<name>.tmp`` and renamed when it holds ``samples_per_shard``
-    samples (or ``max_bytes``), or on :meth:`close`. Numbering continues after the shards
-    already in ``out_dir``; leftover ``.tmp`` shards of an interrupted run are deleted (their
-    samples were never committed). One writer per folder at a time.
+    Returns:
+        the shard's index (uids in order, sample keys, size, SHA-256 of the file).
     """
-
-    def __init__(self, out_dir: str | Path, samples_per_shard: int, max_bytes: int = 1 << 30):
-        if samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.samples_per_shard = samples_per_shard
-        self.max_bytes = max_bytes
-        for stale in self.out_dir.glob("shard-*.tar" + TMP_SUFFIX):
-            stale.unlink()
-        existing = list_shards(self.out_dir)
-        self._next_index = shard_index(existing[-1]) + 1 if existing else 0
-        self._writer: wds.TarWriter | None = None
-        self._file = None
-        self._current: ClosedShard | None = None
-
-    def _open(self) -> None:
-        path = self.out_dir / (SHARD_PATTERN % self._next_index)
-        self._next_index += 1
-        self._file = open(str(path) + TMP_SUFFIX, "wb")
-        self._writer = wds.TarWriter(self._file)
-        self._current = ClosedShard(path=path)
-
-    def add_object(self, uid: str, samples: list[dict]) -> ClosedShard | None:
-        """Append all samples of one object to the open shard.
-
-        Returns:
-            the shard this call completed, or None while it stays open.
-        """
-        if self._writer is None:
-            self._open()
-        for sample in samples:
-            self._current.num_bytes += self._writer.write(sample)
-            self._current.num_samples += 1
-        self._current.uids.append(uid)
-        full = self._current.num_samples >= self.samples_per_shard
-        return self.close() if full or self._current.num_bytes >= self.max_bytes else None
-
-    def close(self) -> ClosedShard | None:
-        """Finish the open shard (flush, fsync, rename). Returns it, or None if none was open."""
-        if self._writer is None:
-            return None
-        self._writer.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        closed = self._current
-        os.replace(str(closed.path) + TMP_SUFFIX, closed.path)
-        self._writer = self._file = self._current = None
-        return closed
-
-    def abort(self) -> None:
-        """Drop the open shard without committing it."""
-        if self._writer is not None:
-            self._writer.close()
-            self._file.close()
-            Path(str(self._current.path) + TMP_SUFFIX).unlink(missing_ok=True)
-            self._writer = self._file = self._current = None
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+    info = ShardInfo(name=name)
+    with open(path, "wb") as handle:
+        with wds.TarWriter(handle) as tar:
+            for uid, samples in objects:
+                for sample in samples:
+                    tar.write(sample)
+                    info.keys.append(sample["__key__"])
+                info.uids.append(uid)
+        handle.flush()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            info.num_bytes += len(block)
+    info.sha256 = digest.hexdigest()
+    return info

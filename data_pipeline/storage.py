@@ -13,7 +13,7 @@ files commit what was written when an exception leaves their ``with`` block):
 - an object store: the finished local file is uploaded whole, in one PUT, or in a multipart
   upload completed at the end (s3fs does that above 100 MB, and aborts it on an error). An
   upload cut short by a kill leaves an unfinished multipart upload, invisible to readers;
-  :meth:`Store.abort_unfinished_uploads` removes them when the job's single writer starts again.
+  :meth:`Store.remove_unfinished_writes` aborts them when the job's single writer starts again.
 
 Transient errors (the store unreachable, throttled) are retried ``RETRIES`` times with a growing
 pause; after that a :class:`StorageError` names the URL that could not be written or read.
@@ -25,9 +25,8 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, TypeVar
 
 import fsspec
 
@@ -100,23 +99,13 @@ class Store:
 
         return self._retry("list", pattern, listing)
 
-    def exists(self, name: str) -> bool:
-        return self._retry("stat", name, lambda: self.fs.exists(self._path(name)))
-
     def read_bytes(self, name: str) -> bytes:
         """The whole file. Raises FileNotFoundError when it does not exist."""
         return self._retry("read", name, lambda: self.fs.cat_file(self._path(name)))
 
-    def get(self, name: str, local: str | Path) -> Path:
-        """Download ``name`` to the local path ``local`` (written atomically there)."""
-        local = Path(local)
-
-        def download() -> None:
-            with atomic_path(local) as tmp:
-                self.fs.get_file(self._path(name), str(tmp))
-
-        self._retry("read", name, download)
-        return local
+    def open(self, name: str):
+        """A binary stream of ``name`` for reading in one pass (the open is retried)."""
+        return self._retry("open", name, lambda: self.fs.open(self._path(name), "rb"))
 
     # --------------------------------------------------------------- writing
     def staging_dir(self) -> Path:
@@ -156,32 +145,18 @@ class Store:
             return
         self._retry("write", name, lambda: self.fs.pipe_file(self._path(name), data))
 
-    @contextmanager
-    def writing(self, name: str, suffix: str = "") -> Iterator[Path]:
-        """Yield a local path to write ``name`` into; committed to the store when the block
-        succeeds, dropped when it fails (nothing is written to the store then)."""
-        staging = self.staging_dir()
-        fd, tmp = tempfile.mkstemp(dir=staging, prefix=f".{name}.", suffix=suffix + ".tmp")
-        os.close(fd)
-        try:
-            yield Path(tmp)
-            os.chmod(tmp, 0o644)
-            self.commit_file(tmp, name)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-            if self.remote:
-                shutil.rmtree(staging, ignore_errors=True)
-
-    def remove(self, name: str) -> None:
-        self._retry("remove", name, lambda: self.fs.rm_file(self._path(name)))
-
     # --------------------------------------------------------------- recovery
-    def abort_unfinished_uploads(self) -> list[str]:
-        """Abort the multipart uploads left unfinished under this store's prefix (an upload cut
-        short by a kill); returns their keys. Only for the store's single writer, at its start.
-        A no-op for stores without multipart uploads (local folders)."""
-        if not self.remote or "s3" not in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                                           else (self.fs.protocol,)):
+    def remove_unfinished_writes(self) -> list[str]:
+        """What writes cut short by a kill left behind, removed; returns their names. A local
+        folder: temporary files (``*.tmp``, hidden or not). An S3 store: multipart uploads left
+        unfinished under the prefix, aborted. Only for the store's single writer, at its start."""
+        if not self.remote:
+            stale = sorted({*Path(self.root).glob("*.tmp"), *Path(self.root).glob(".*.tmp")})
+            for path in stale:
+                path.unlink(missing_ok=True)
+            return [p.name for p in stale]
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if not {"s3", "s3a"} & set(protocols):
             return []
         bucket, _, prefix = self.root.partition("/")
 
@@ -192,7 +167,7 @@ class Store:
             for upload in listing.get("Uploads", []):
                 self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
                                 UploadId=upload["UploadId"])
-                aborted.append(upload["Key"])
+                aborted.append(upload["Key"].rsplit("/", 1)[-1])
             return aborted
 
         return self._retry("abort unfinished uploads under", "", abort)

@@ -1,13 +1,15 @@
-"""Manifest: Parquet round trip, atomic writes, merge for resume, reconciling with shards."""
+"""Manifest: Parquet round trip, atomic writes, merge for resume, reconciling with the shards a
+store holds, planning work units."""
 
 import dataclasses
 import datetime as dt
+import json
 
 import pyarrow.parquet as pq
 import pytest
 from test_shards import fake_render
 
-from data_pipeline.job import objects_to_render, reconcile_shards
+from data_pipeline.job import objects_to_render, plan_units, reconcile_shards
 from data_pipeline.manifest import (
     SCHEMA,
     ManifestRow,
@@ -16,8 +18,9 @@ from data_pipeline.manifest import (
     status_counts,
     write_manifest,
 )
-from data_pipeline.shards import ShardWriter, encode_object
+from data_pipeline.shards import encode_object, index_name, write_shard
 from data_pipeline.sources import ObjectRecord
+from data_pipeline.storage import Store
 
 
 def rec(uid, sha="s1"):
@@ -88,20 +91,59 @@ def test_objects_to_render_respects_max_retries():
     assert [r.uid for r in objects_to_render(rows, records, max_retries=0)] == ["p"]
 
 
+def _commit_shard(store: Store, name: str, uids, with_index: bool = True) -> None:
+    local = store.staging_dir() / f".{name}.tmp"
+    objects = [(uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)], uid)) for uid in uids]
+    info = write_shard(local, name, objects)
+    store.commit_file(local, name)
+    if with_index:
+        store.write_bytes(index_name(name), info.to_json())
+
+
 def test_reconcile_adopts_orphan_shards_and_resets_missing_ones(tmp_path):
-    with ShardWriter(tmp_path, 2) as writer:
-        for uid in ("a", "b"):  # one object per shard
-            writer.add_object(uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)], uid))
+    store = Store(tmp_path)
+    _commit_shard(store, "shard-000000.tar", ["a"])
+    _commit_shard(store, "shard-000001.tar", ["b"], with_index=False)  # killed between the two writes
     rows = {
         "a": ManifestRow("a", "local", "/a", status="done", shard="shard-000000.tar"),
         "b": ManifestRow("b", "local", "/b", status="pending"),  # killed before the manifest write
         "c": ManifestRow("c", "local", "/c", status="done", shard="shard-000009.tar"),  # deleted shard
     }
-    reconcile_shards(rows, tmp_path)
+    present = reconcile_shards(rows, store)
+    assert present == ["shard-000000.tar", "shard-000001.tar"]
     assert rows["a"].status == "done" and rows["a"].shard == "shard-000000.tar"
     assert rows["b"].status == "done" and rows["b"].shard == "shard-000001.tar"
     assert rows["c"].status == "pending" and "shard-000009.tar missing" in rows["c"].reason
+    # the missing index was rebuilt from the shard's members
+    assert json.loads((tmp_path / "shard-000001.index.json").read_text())["keys"] == ["b_o0", "b_o1"]
 
+
+def test_plan_keeps_a_killed_units_name_and_numbers_new_units_after_every_known_name():
+    rows = {u: ManifestRow(u, "local", f"/{u}") for u in "abcdefg"}
+    rows["a"].update(status="done", shard="shard-000000.tar")
+    rows["b"].update(shard="shard-000004.tar")  # planned by a killed run, never committed
+    rows["c"].update(shard="shard-000004.tar")
+    rows["d"].update(status="failed", attempts=1)
+    todo = [rec(u) for u in "bcdefg"]
+    units = plan_units(rows, todo, present=["shard-000000.tar", "shard-000002.tar"], objects_per_unit=2)
+    assert [(u.shard, [r.uid for r in u.records]) for u in units] == [
+        ("shard-000004.tar", ["b", "c"]),  # the same unit, under the same name
+        ("shard-000005.tar", ["d", "e"]),
+        ("shard-000006.tar", ["f", "g"]),
+    ]
+    assert {u: rows[u].shard for u in "defg"} == {"d": "shard-000005.tar", "e": "shard-000005.tar",
+                                                  "f": "shard-000006.tar", "g": "shard-000006.tar"}
+    assert plan_units(rows, [], present=[], objects_per_unit=2) == []
+
+
+def test_unfinished_local_writes_are_removed_and_nothing_else(tmp_path):
+    store = Store(tmp_path)
+    for name in (".shard-000003.tar.123.tmp", "shard-000001.tar.tmp", ".manifest.parquet.x.tmp"):
+        (tmp_path / name).write_bytes(b"half")
+    _commit_shard(store, "shard-000000.tar", ["a"])
+    assert sorted(store.remove_unfinished_writes()) == [".manifest.parquet.x.tmp", ".shard-000003.tar.123.tmp",
+                                                         "shard-000001.tar.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.index.json", "shard-000000.tar"]
 
 def test_stale_temporaries_of_a_killed_write_are_removed_and_nothing_else(tmp_path):
     """What ``atomic_path`` leaves when its process is killed mid-write is found by its naming

@@ -16,9 +16,8 @@ from test_shards import fake_render
 from data_pipeline import conventions as C
 from data_pipeline import objaverse_filter as F
 from data_pipeline.__main__ import parse_args
-from data_pipeline.job import shard_uids
 from data_pipeline.manifest import merge_records, read_manifest, write_manifest
-from data_pipeline.shards import ShardWriter, decode_sample, encode_object, iter_shard, list_shards
+from data_pipeline.shards import decode_sample, encode_object, iter_shard, write_shard
 from data_pipeline.sources import objaverse_objects
 
 NUM_OBJECTS = 82_575
@@ -94,10 +93,8 @@ def test_every_uid_survives_selection_keys_manifest_and_shards(lgm_cache, lgm_ro
 
     # a real shard holding the odd-length uids (and a few hex ones) reads back whole
     sample = sorted((r.uid for r in kept), key=lambda u: (len(u) == 32, u))[:50]
-    with ShardWriter(tmp_path / "shards", samples_per_shard=1000) as writer:
-        for uid in sample:
-            writer.add_object(uid, encode_object([fake_render(uid, k, size=4) for k in range(2)], uid))
-    (shard,) = list_shards(tmp_path / "shards")
-    assert shard_uids(shard) == set(sample)
+    shard = tmp_path / "shard-000000.tar"
+    objects = [(uid, encode_object([fake_render(uid, k, size=4) for k in range(2)], uid)) for uid in sample]
+    assert write_shard(shard, shard.name, objects).uids == sample
     decoded = [decode_sample(raw) for raw in iter_shard(shard)]
     assert sorted((d["meta"]["uid"], d["meta"]["orbit"]) for d in decoded) == sorted((u, k) for u in sample for k in (0, 1))

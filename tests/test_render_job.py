@@ -236,12 +236,12 @@ def test_objaverse_job_downloads_in_the_workers_and_records_filtered_objects(obj
     assert (out / "filter_summary.json").is_file()
 
 
-def test_render_task_records_objects_it_cannot_fetch(objaverse_cache):
-    from data_pipeline.render_workers import render_task
+def test_render_one_records_objects_it_cannot_fetch(objaverse_cache):
     from data_pipeline.render import RenderSettings
+    from data_pipeline.render_workers import render_one
     from data_pipeline.sources import ObjectRecord
 
     with pytest.warns(UserWarning):  # objaverse warns about the unknown uid
-        missing = render_task(ObjectRecord("f" * 32, "objaverse", "https://example/x.glb"),
-                              RenderSettings(resolution=32, samples=1))
-    assert not missing.ok and missing.reason.startswith("error: FileNotFoundError")
+        missing, samples = render_one(ObjectRecord("f" * 32, "objaverse", "https://example/x.glb"),
+                                      RenderSettings(resolution=32, samples=1))
+    assert not missing.ok and missing.reason.startswith("error: FileNotFoundError") and samples is None

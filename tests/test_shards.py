@@ -1,6 +1,7 @@
 """Shard format (docs/design.md section 3) read back with plain tarfile + independent decoders, and with
-webdataset; ShardWriter atomicity and grouping; CorruptSampleError on damaged samples."""
+webdataset; write_shard's index; CorruptSampleError on damaged samples."""
 
+import hashlib
 import io
 import json
 import struct
@@ -16,12 +17,13 @@ from data_pipeline import conventions as C
 from data_pipeline.render import OrbitRender
 from data_pipeline.shards import (
     CorruptSampleError,
-    ShardWriter,
+    ShardInfo,
     decode_sample,
     encode_object,
     encode_sample,
+    index_name,
     iter_shard,
-    list_shards,
+    write_shard,
 )
 
 
@@ -77,22 +79,16 @@ def png16_reference(data: bytes) -> np.ndarray:
     return np.frombuffer(b"".join(rows), ">u2").reshape(height, width, 3).astype(np.uint16)
 
 
-def write_objects(out_dir, uids, per_shard):
-    with ShardWriter(out_dir, per_shard) as writer:
-        closed = [writer.add_object(uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)], uid))
-                  for uid in uids]
-        closed.append(writer.close())
-    return [c for c in closed if c]
+def write_objects(path, uids) -> ShardInfo:
+    """One shard at ``path`` holding both orbits of each uid's fake render."""
+    objects = ((uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)], uid)) for uid in uids)
+    return write_shard(path, path.name, objects)
 
 
 def test_members_follow_the_contract_with_plain_tarfile(tmp_path):
     render = fake_render("obj-A_1", 1)
-    write_objects(tmp_path, [], 1)  # nothing written for no objects
-    assert list_shards(tmp_path) == []
-    with ShardWriter(tmp_path, 8) as writer:
-        writer.add_object("obj-A_1", [encode_sample(render, "obj-A_1_o1")])
-    (shard,) = list_shards(tmp_path)
-    assert shard.name == "shard-000000.tar"
+    shard = tmp_path / "shard-000000.tar"
+    write_shard(shard, shard.name, [("obj-A_1", [encode_sample(render, "obj-A_1_o1")])])
     with tarfile.open(shard) as tar:
         names = tar.getnames()
         expected = {C.frame_member("obj-A_1_o1", i, k) for i in range(16) for k in ("rgba", "ccm")}
@@ -116,8 +112,8 @@ def test_members_follow_the_contract_with_plain_tarfile(tmp_path):
 
 
 def test_webdataset_reads_and_decode_sample_round_trips(tmp_path):
-    write_objects(tmp_path, ["a", "b", "c"], per_shard=100)
-    (shard,) = list_shards(tmp_path)
+    shard = tmp_path / "shard-000000.tar"
+    write_objects(shard, ["a", "b", "c"])
     samples = list(wds.WebDataset(str(shard), shardshuffle=False))
     assert [s["__key__"] for s in samples] == ["a_o0", "a_o1", "b_o0", "b_o1", "c_o0", "c_o1"]
     decoded = decode_sample(samples[3])
@@ -130,30 +126,18 @@ def test_webdataset_reads_and_decode_sample_round_trips(tmp_path):
     assert [s["__key__"] for s in iter_shard(shard)] == [s["__key__"] for s in samples]
 
 
-def test_orbits_of_an_object_share_a_shard_and_no_tmp_remains(tmp_path):
-    closed = write_objects(tmp_path, [f"u{i}" for i in range(5)], per_shard=3)
-    # 2 samples per object: a shard closes once it holds >= 3, i.e. after 2 objects
-    assert [c.uids for c in closed] == [["u0", "u1"], ["u2", "u3"], ["u4"]]
-    assert [c.num_samples for c in closed] == [4, 4, 2]
-    for shard in list_shards(tmp_path):
-        with tarfile.open(shard) as tar:
-            keys = {n.split(".")[0] for n in tar.getnames()}
-        uids = {k.rsplit("_o", 1)[0] for k in keys}
-        assert keys == {f"{u}_o{k}" for u in uids for k in (0, 1)}
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_writer_continues_numbering_and_drops_stale_tmp(tmp_path):
-    write_objects(tmp_path, ["a"], per_shard=2)
-    (tmp_path / "shard-000001.tar.tmp").write_bytes(b"half a shard")
-    write_objects(tmp_path, ["b"], per_shard=2)
-    assert [p.name for p in list_shards(tmp_path)] == ["shard-000000.tar", "shard-000001.tar"]
-    assert not list(tmp_path.glob("*.tmp"))
-    with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path, 10) as writer:
-            writer.add_object("c", encode_object([fake_render("c", 0)], "c"))
-            raise RuntimeError("killed mid-shard")
-    assert len(list_shards(tmp_path)) == 2 and not list(tmp_path.glob("*.tmp"))
+def test_index_holds_the_shards_uids_keys_size_and_checksum(tmp_path):
+    shard = tmp_path / "shard-000007.tar"
+    info = write_objects(shard, ["u0", "u1", "u2"])
+    data = shard.read_bytes()
+    assert info.name == "shard-000007.tar" and index_name(info.name) == "shard-000007.index.json"
+    assert info.uids == ["u0", "u1", "u2"] and info.keys == [f"u{i}_o{k}" for i in range(3) for k in (0, 1)]
+    assert info.num_bytes == len(data) and info.sha256 == hashlib.sha256(data).hexdigest()
+    with tarfile.open(shard) as tar:  # orbits of an object are in its shard, keys in order
+        assert list(dict.fromkeys(n.split(".")[0] for n in tar.getnames())) == info.keys
+    assert ShardInfo.from_json(info.to_json(), "x") == info
+    with pytest.raises(ValueError, match="bad.index.json: not a shard index"):
+        ShardInfo.from_json(b"[1, 2]", "bad.index.json")
 
 
 def _sample(uid="x"):
