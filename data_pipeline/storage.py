@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -86,8 +87,11 @@ class Store:
             except Exception as error:  # noqa: BLE001 - transient store errors, retried then named
                 if attempt == self.retries:
                     raise StorageError(self.url_of(name), action, error) from error
+                pause = self.retry_pause_s * 2**attempt
+                print(f"storage: could not {action} {self.url_of(name)} ({type(error).__name__}); "
+                      f"retry {attempt + 1}/{self.retries} in {pause:.0f} s", file=sys.stderr, flush=True)
                 self.fs.invalidate_cache()
-                time.sleep(self.retry_pause_s * 2**attempt)
+                time.sleep(pause)
         raise AssertionError("unreachable")
 
     # --------------------------------------------------------------- reading
