@@ -202,6 +202,12 @@ def test_cluster_config_is_valid_for_the_ray_launcher():
     assert "." in prepared["file_mounts"].values()  # the repository goes to every node
     mount = next(k for k, v in prepared["file_mounts"].items() if v == ".")
     assert any("pip install" in cmd and mount in cmd for cmd in prepared["setup_commands"])
+    # the on-premise variant: Ray's local provider, the store's settings copied to every node
+    onprem = prepare_config(yaml.safe_load((REPO / "infra" / "render_onprem.yaml").read_text()))
+    validate_config(onprem)
+    assert onprem["provider"]["type"] == "local" and onprem["provider"]["worker_ips"]
+    assert any(target.endswith("/.aws") for target in onprem["file_mounts"])
+    assert "." in onprem["file_mounts"].values()
     # the submitted script is a real entry point of the render command
     proc = subprocess.run([sys.executable, "scripts/render_job.py", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
