@@ -17,7 +17,7 @@ from pathlib import Path
 
 from data_pipeline import objaverse_filter
 from data_pipeline.atomic import atomic_path
-from data_pipeline.storage import Store, is_remote
+from data_pipeline.storage import StorageError, Store, is_remote
 
 
 NO_LIST = "none"
@@ -184,7 +184,11 @@ def command_filter(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return command_render(args) if args.command == "render" else command_filter(args)
+    try:
+        return command_render(args) if args.command == "render" else command_filter(args)
+    except StorageError as error:  # the store stayed unreachable: what is committed stays
+        print(f"error: {error}\nre-run the same command to resume", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
