@@ -95,27 +95,35 @@ def test_render_job_writes_shards_manifest_and_sheet_to_s3(s3_bucket):
 @pytest.mark.slow
 @pytest.mark.blender
 def test_kill_and_resume_against_the_store(s3_bucket):
-    """SIGKILL of the whole job once its first shard is in the bucket, an unfinished multipart
-    upload left as a kill mid-upload leaves one, then the same command: exactly once, nothing
-    unfinished."""
+    """SIGKILL of the whole job twice: once as soon as its plan is in the manifest (no shard yet),
+    once when its first shard is in the bucket; an unfinished multipart upload left as a kill
+    mid-upload leaves one; then the same command: exactly once, nothing unfinished, and the
+    units planned by the first run kept their names."""
     url = f"{s3_bucket}/job"
     root = url.removeprefix("s3://")
     args = ["render", "--source", "demo", "--count", "4", "--seed", "6", "--per-shard", "2", *FAST,
             "--output", url, "--no-contact-sheet"]
     fs = s3()
-    job = subprocess.Popen([sys.executable, "-m", "data_pipeline", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 400
-        while not fs.glob(f"{root}/shard-*.tar"):
-            assert job.poll() is None, "the job ended before its first shard"
-            assert time.monotonic() < deadline, "no shard after 400 s"
-            time.sleep(0.3)
-            fs.invalidate_cache()
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)  # the job, its Ray and its Blender workers
-        job.wait()
-    fs.invalidate_cache()
+
+    def run_until(ready) -> None:
+        job = subprocess.Popen([sys.executable, "-m", "data_pipeline", *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 400
+            while not ready():
+                assert job.poll() is None, "the job ended before the moment to kill it"
+                assert time.monotonic() < deadline, "the moment to kill never came"
+                time.sleep(0.2)
+                fs.invalidate_cache()
+        finally:
+            os.killpg(job.pid, signal.SIGKILL)  # the job, its Ray and its Blender workers
+            job.wait()
+        fs.invalidate_cache()
+
+    run_until(lambda: fs.exists(f"{root}/manifest.parquet"))
+    plan = parse_manifest(fs.cat_file(f"{root}/manifest.parquet"), url)
+    assert {r.status for r in plan.values()} == {"pending"} and all(r.shard for r in plan.values())
+    run_until(lambda: fs.glob(f"{root}/shard-*.tar"))
     killed_with = fs.glob(f"{root}/shard-*.tar")
     assert 1 <= len(killed_with) < 4
     fs.call_s3("create_multipart_upload", Bucket=root.split("/")[0], Key="job/shard-000099.tar")
@@ -123,8 +131,9 @@ def test_kill_and_resume_against_the_store(s3_bucket):
 
     run_pipeline(args)
     fs.invalidate_cache()
-    check_exactly_once(fs, url, 4)
+    rows = check_exactly_once(fs, url, 4)
     assert set(killed_with) <= set(fs.glob(f"{root}/shard-*.tar"))  # committed shards were kept
+    assert {uid: row.shard for uid, row in rows.items()} == {uid: row.shard for uid, row in plan.items()}
 
 
 @pytest.mark.slow
