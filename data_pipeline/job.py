@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from data_pipeline.shards import (
     SHARD_GLOB,
     SHARD_PATTERN,
     ShardInfo,
+    copy_shard_without,
     index_name,
     is_shard_name,
     shard_index,
@@ -135,6 +137,37 @@ def read_index(store: Store, shard: str) -> ShardInfo:
                     info.uids.append(key_uid(key))
     store.write_bytes(index_name(shard), info.to_json())
     return info
+
+
+def drop_changed_objects(store: Store, rows: dict[str, ManifestRow], rendered_in: dict[str, str]) -> None:
+    """Objects that were ``done`` in a shard (``rendered_in``: uid -> shard) and are ``pending``
+    again (their file changed, :func:`merge_records`) leave that shard, so that their new render
+    is the only one: the shard is rewritten without their samples and committed under its name
+    (a kill leaves the old or the new version, whole), then its index; a shard left with no
+    object is removed (index first)."""
+    stale: dict[str, set[str]] = {}
+    for uid, shard in rendered_in.items():
+        if rows[uid].status == "pending":
+            stale.setdefault(shard, set()).add(uid)
+    present = set(store.list(SHARD_GLOB))
+    for shard, uids in sorted(stale.items()):
+        if shard not in present or not uids & set(read_index(store, shard).uids):
+            continue
+        staging = store.staging_dir()
+        local = staging / f".{shard}.{os.getpid()}.tmp"
+        try:
+            with store.open(shard) as stream:
+                info = copy_shard_without(stream, local, shard, uids)
+            if info.uids:
+                store.commit_file(local, shard)
+                store.write_bytes(index_name(shard), info.to_json())
+            else:
+                store.remove(index_name(shard))
+                store.remove(shard)
+        finally:
+            local.unlink(missing_ok=True)
+            if store.remote:
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def reconcile_shards(rows: dict[str, ManifestRow], store: Store) -> list[str]:
@@ -295,7 +328,9 @@ def run_job(records: list[ObjectRecord], config: JobConfig,
 
     store.remove_unfinished_writes()  # writes cut short by a kill: temporaries, multipart uploads
     rows = read_job_manifest(store)
+    rendered_in = {uid: row.shard for uid, row in rows.items() if row.status == "done"}
     merge_records(rows, records, filtered)
+    drop_changed_objects(store, rows, rendered_in)
     present = reconcile_shards(rows, store)
     todo = objects_to_render(rows, records, config.max_retries)
     units = plan_units(rows, todo, present, objects_per_unit(config, len(todo)))

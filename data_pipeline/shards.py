@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import re
+import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -34,6 +35,7 @@ from data_pipeline.conventions import (
     decode_ccm_png,
     encode_ccm_png,
     frame_member,
+    key_uid,
     sample_key,
 )
 
@@ -234,6 +236,15 @@ class ShardInfo:
             raise ValueError(f"{where}: not a shard index ({error})") from None
 
 
+def _size_and_sha256(path: str | Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
 def write_shard(path: str | Path, name: str, objects: Iterable[tuple[str, list[dict]]]) -> ShardInfo:
     """Write objects' samples (``(uid, samples)`` pairs, samples from :func:`encode_object`) into
     the local tar file ``path``, flushed; the caller commits it under ``name``.
@@ -250,10 +261,28 @@ def write_shard(path: str | Path, name: str, objects: Iterable[tuple[str, list[d
                     info.keys.append(sample["__key__"])
                 info.uids.append(uid)
         handle.flush()
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-            info.num_bytes += len(block)
-    info.sha256 = digest.hexdigest()
+    info.num_bytes, info.sha256 = _size_and_sha256(path)
+    return info
+
+
+def copy_shard_without(stream, path: str | Path, name: str, drop_uids: set[str]) -> ShardInfo:
+    """Copy a shard read from ``stream`` (one pass) into the local file ``path``, leaving out every
+    sample of the objects ``drop_uids``; members are copied byte for byte, in order.
+
+    Returns:
+        the copy's index.
+    """
+    info = ShardInfo(name=name)
+    with tarfile.open(fileobj=stream, mode="r|") as source, tarfile.open(path, "w") as copy:
+        for member in source:
+            key = member.name.split(".", 1)[0]
+            uid = key_uid(key)
+            if uid in drop_uids:
+                continue
+            copy.addfile(member, source.extractfile(member))
+            if not info.keys or info.keys[-1] != key:
+                info.keys.append(key)
+            if uid not in info.uids:
+                info.uids.append(uid)
+    info.num_bytes, info.sha256 = _size_and_sha256(path)
     return info

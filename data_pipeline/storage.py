@@ -149,6 +149,16 @@ class Store:
             return
         self._retry("write", name, lambda: self.fs.pipe_file(self._path(name), data))
 
+    def remove(self, name: str) -> None:
+        """Delete ``name`` (nothing happens when it does not exist)."""
+        def remove() -> None:
+            try:
+                self.fs.rm_file(self._path(name))
+            except FileNotFoundError:
+                pass
+
+        self._retry("remove", name, remove)
+
     # --------------------------------------------------------------- recovery
     def remove_unfinished_writes(self) -> list[str]:
         """What writes cut short by a kill left behind, removed; returns their names. A local

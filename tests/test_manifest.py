@@ -4,12 +4,13 @@ store holds, planning work units."""
 import dataclasses
 import datetime as dt
 import json
+import tarfile
 
 import pyarrow.parquet as pq
 import pytest
 from test_shards import fake_render
 
-from data_pipeline.job import objects_to_render, plan_units, reconcile_shards
+from data_pipeline.job import drop_changed_objects, objects_to_render, plan_units, reconcile_shards
 from data_pipeline.manifest import (
     SCHEMA,
     ManifestRow,
@@ -161,3 +162,27 @@ def test_stale_temporaries_of_a_killed_write_are_removed_and_nothing_else(tmp_pa
         other.write_bytes(b"")
     assert remove_stale_temporaries(manifest) == [leftover]
     assert not leftover.exists() and manifest.read_bytes() == b"new" and all(o.exists() for o in others)
+
+
+def test_an_object_whose_file_changed_leaves_its_shard_so_it_is_never_in_two(tmp_path):
+    """Rendered, then its file changes: it is rendered again, and its old samples leave the shard
+    they were in (the shard is rewritten without them; emptied, it is removed)."""
+    store = Store(tmp_path)
+    _commit_shard(store, "shard-000000.tar", ["a", "b"])
+    rows = {u: ManifestRow(u, "local", f"/{u}", sha256="s1", status="done", shard="shard-000000.tar")
+            for u in ("a", "b")}
+
+    def rerun(records):
+        rendered_in = {uid: row.shard for uid, row in rows.items() if row.status == "done"}
+        merge_records(rows, records)
+        drop_changed_objects(store, rows, rendered_in)
+        reconcile_shards(rows, store)
+
+    rerun([rec("a", sha="s2"), rec("b")])  # a's file changed
+    assert rows["a"].status == "pending" and rows["b"].status == "done"
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        assert sorted({n.split(".")[0] for n in tar.getnames()}) == ["b_o0", "b_o1"]
+    index = json.loads((tmp_path / "shard-000000.index.json").read_text())
+    assert index["uids"] == ["b"] and index["num_bytes"] == (tmp_path / "shard-000000.tar").stat().st_size
+    rerun([rec("a", sha="s2"), rec("b", sha="s3")])  # b's too: the shard is left with nothing
+    assert rows["b"].status == "pending" and not list(tmp_path.glob("shard-*"))
