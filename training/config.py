@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from training.shard_store import ReadPolicy
+
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 # ``global``: one norm over every trainable parameter, clipped by DeepSpeed (the paper's recipe).
 # ``per_model``: the denoiser's and LGM's gradients clipped each to ``grad_clip`` on their own
@@ -39,11 +41,14 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Streaming loader settings (training.loader.LoaderConfig); the resolution is the model's."""
+    """Streaming loader settings (training.loader.LoaderConfig); the resolution is the model's.
+    ``reads``: timeouts and retries of shards in an object store (training.shard_store.ReadPolicy,
+    e.g. ``--set data.reads.read_timeout_s=60``)."""
 
     shuffle_buffer: int = 64
     shuffle_initial: int = 16
     num_workers: int = 2
+    reads: ReadPolicy = field(default_factory=ReadPolicy)
 
 
 @dataclass
@@ -109,9 +114,14 @@ def _build(cls, data: dict, where: str):
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        sub = {"model": ModelSection, "data": DataSection, "optim": OptimSection}.get(name)
-        kwargs[name] = _build(sub, value, f"{where}.{name}") if cls is TrainConfig and sub else value
+        sub = SECTIONS.get((cls, name))
+        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
     return cls(**kwargs)
+
+
+# the mappings of a config that are dataclasses of their own: (owner, key) -> class
+SECTIONS = {(TrainConfig, "model"): ModelSection, (TrainConfig, "data"): DataSection,
+            (TrainConfig, "optim"): OptimSection, (DataSection, "reads"): ReadPolicy}
 
 
 def apply_overrides(data: dict, assignments: list[str]) -> dict:

@@ -12,36 +12,40 @@ Streaming and determinism
     shard in memory), shuffles samples in a buffer seeded by ``(seed, e, rank, role)``, and only
     then decodes (PNG decoding happens after the shuffle, so skipping costs no decoding).
     With fewer shards than ``ranks x workers`` the split is done on samples instead of shards.
+    The streams are endless, so every rank yields a batch at every step: no rank runs out.
+    Shards come from local paths, pipes, http(s) or object stores (``s3://`` prefixes, globs,
+    objects), listed and opened by :mod:`training.shard_store` (timeouts, bounded retries,
+    re-opening at the failed byte).
 Position and resume
     Every sample carries its ``(epoch, index)`` in its worker's shuffled stream. The loader
     records, per worker *role*, the position of the last sample the training loop consumed,
     plus the number of batches consumed. A resumed loader skips, per role, everything up to
     that position (without decoding) and rotates the worker roles by ``batches % workers`` so
     that PyTorch's round-robin over workers continues with the same role it would have used.
-    Resuming requires the same world size and worker count.
-Corrupt samples
-    A bad PNG, a missing member or a wrong shape skips the sample; an unreadable tar skips the
-    rest of that shard. Both are logged and counted (``StreamingLoader.skipped``), never raised.
+    Resuming requires the same world size and worker count (and, to replay the epoch in
+    progress exactly, the same shard names: a different list is a warning).
+Corrupt samples and broken shards
+    A bad PNG, a missing member or a wrong shape skips the sample; a tar that cannot be opened
+    or read to its end (garbage, truncated, a store still unreachable after the retries) skips
+    the rest of that shard. Both are logged with the key / URL and counted
+    (``StreamingLoader.skipped``), never raised; an epoch without a valid sample is an error.
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import logging
-import os
 import random
 import zlib
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Iterator
+from typing import Callable, Iterator
 
-import braceexpand
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from webdataset.gopen import gopen, gopen_schemes
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.conventions import (
@@ -51,6 +55,7 @@ from data_pipeline.conventions import (
     training_frame_indices,
 )
 from data_pipeline.shards import CorruptSampleError, decode_sample
+from training.shard_store import ReadPolicy, expand_shards, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,8 @@ class LoaderConfig:
     """What the loader produces and how it streams.
 
     resolution: model image size (square). background: RGB in [0, 1] the RGBA frames are
-    composited over. batch_size: samples per batch on one rank (the micro batch).
+    composited over. batch_size: samples per batch on one rank (the micro batch). reads:
+    timeouts and retries of shards in an object store (training.shard_store.ReadPolicy).
     """
 
     resolution: int
@@ -71,51 +77,27 @@ class LoaderConfig:
     shuffle_initial: int = 16
     num_workers: int = 2
     seed: int = 0
+    reads: ReadPolicy = ReadPolicy()
 
 
-# ----------------------------------------------------------------------------- shard lists
-def expand_shards(pattern: str) -> list[str]:
-    """Shard URLs from a pattern.
+# ----------------------------------------------------------------------------- shard files
+def shard_files(urls: list[str], reads: ReadPolicy, on_broken: Callable[[str, Exception], None]
+                ) -> Iterator[dict]:
+    """The tar members of each shard in turn (dicts ``fname``, ``data`` bytes, ``__url__``),
+    each shard followed by WebDataset's end-of-shard marker ``{}``.
 
-    Accepts, separated by ``::``: brace patterns (``shard-{000000..000009}.tar``), local
-    globs (``data/*/shard-*.tar``), a local directory (its ``shard-*.tar``), ``pipe:`` commands
-    and remote URLs (``http(s)://``, ``s3://``, ``gs://``, ...; opened by :func:`open_shard`).
+    A shard that cannot be opened, or read to its end (a truncated or garbage tar, a store that
+    stays unreachable after :class:`ReadPolicy`'s retries), is reported once, ``on_broken(url,
+    error)``, and the rest of it dropped; the members read before stay.
     """
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        for item in braceexpand.braceexpand(part.strip()):
-            if "://" in item or item.startswith("pipe:"):
-                urls.append(item)
-            elif os.path.isdir(item):
-                urls.extend(sorted(glob.glob(os.path.join(item, "shard-*.tar"))))
-            elif glob.has_magic(item):
-                urls.extend(sorted(glob.glob(item)))
-            elif os.path.exists(item):
-                urls.append(item)
-            else:
-                raise FileNotFoundError(f"shard {item!r} (from pattern {pattern!r}) does not exist")
-    if not urls:
-        raise FileNotFoundError(f"no shard matches {pattern!r}")
-    return urls
-
-
-def open_shard(url: str):
-    """A readable binary stream: local path, ``pipe:``/http(s) via WebDataset, others via fsspec."""
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if url.startswith("pipe:") or scheme in gopen_schemes or scheme in ("", "file"):
-        return gopen(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
-
-
-def _opened(urls, handler) -> Iterator[dict]:
     for url in urls:
         try:
-            yield {"url": url, "stream": open_shard(url)}
-        except Exception as exc:  # noqa: BLE001 - reported and counted by the handler
-            exc.args = exc.args + (url,)
-            handler(exc)
+            for member in wds.tariterators.tar_file_iterator(open_shard(url, reads)):
+                member["__url__"] = url
+                yield member
+        except Exception as exc:  # noqa: BLE001 - reported and counted by on_broken
+            on_broken(url, exc)
+        yield {}
 
 
 # ----------------------------------------------------------------------------- one sample
@@ -254,17 +236,20 @@ class ShardStream(IterableDataset):
         random.Random(rng_seed(cfg.seed, epoch)).shuffle(urls)
         by_shard = len(urls) >= world * workers
 
-        def handler(exc: Exception) -> bool:
+        def on_broken(url: str, exc: Exception) -> None:
             skips.shards += 1
-            log.warning("skipping the rest of a shard (rank %d, role %d): %s", rank, role, exc)
+            log.warning("skipping (the rest of) shard %s (rank %d, worker role %d, epoch %d; %d "
+                        "shard(s) skipped so far): %s: %s", url, rank, role, epoch, skips.shards,
+                        type(exc).__name__, exc)
+
+        def on_bad_member(exc: Exception) -> bool:
+            log.warning("dropping a tar member (rank %d, worker role %d): %s", rank, role, exc)
             return True
 
         if by_shard:
             urls = list(islice(wds.split_by_node(urls), role, None, workers))
-        samples = wds.tariterators.group_by_keys(
-            wds.tariterators.tar_file_expander(_opened(urls, handler), handler=handler),
-            handler=handler,
-        )
+        samples = wds.tariterators.group_by_keys(shard_files(urls, cfg.reads, on_broken),
+                                                 handler=on_bad_member)
         if not by_shard:
             samples = islice(wds.split_by_node(samples), role, None, workers)
         rng = random.Random(rng_seed(cfg.seed, epoch, rank, role))
@@ -324,11 +309,17 @@ class StreamingLoader:
     position after the last batch yielded.
     """
 
-    def __init__(self, pattern: str, cfg: LoaderConfig):
-        self.urls = expand_shards(pattern)
+    def __init__(self, shards: str | list[str], cfg: LoaderConfig):
+        """shards: a pattern (:func:`training.shard_store.expand_shards`) or a list of shard URLs."""
+        self.urls = expand_shards(shards, cfg.reads) if isinstance(shards, str) else list(shards)
         self.cfg = cfg
         self.batches = 0
         self.streams: dict[int, _Stream] = {}
+
+    def _shard_names_digest(self) -> str:
+        """What the streams depend on: the shards' names in order (not where they are stored)."""
+        names = "\n".join(url.rsplit("/", 1)[-1] for url in self.urls)
+        return hashlib.sha256(names.encode()).hexdigest()[:16]
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -344,6 +335,7 @@ class StreamingLoader:
             batches=self.batches,
             num_workers=self.cfg.num_workers,
             world_size=world,
+            shard_names=self._shard_names_digest(),
             streams={
                 role: dict(epoch=s.epoch, index=s.index, skipped_samples=s.skips.samples,
                            skipped_shards=s.skips.shards)
@@ -358,6 +350,9 @@ class StreamingLoader:
                 f"loader position saved with {state['world_size']} rank(s) x {state['num_workers']} "
                 f"worker(s) cannot resume with {world} x {self.cfg.num_workers}"
             )
+        if state.get("shard_names", self._shard_names_digest()) != self._shard_names_digest():
+            log.warning("the shard list differs from the one the loader position was saved with "
+                        "(now %d shard(s)): the epoch in progress is not replayed exactly", len(self.urls))
         self.batches = int(state["batches"])
         self.streams = {
             int(role): _Stream(s["epoch"], s["index"], _Skips(s["skipped_samples"], s["skipped_shards"]))

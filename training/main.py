@@ -32,6 +32,7 @@ from training.config import TrainConfig, load_config  # noqa: E402
 from training.engine import build_engine, deepspeed_config, init_distributed, train_step  # noqa: E402
 from training.loader import LoaderConfig, StreamingLoader  # noqa: E402
 from training.logging_utils import TrainLogger  # noqa: E402
+from training.shard_store import ReadPolicy, expand_shards  # noqa: E402
 
 log = logging.getLogger("training")
 
@@ -40,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True,
                    help="training YAML file, or a shipped config by name: tiny, full, tiny_joint, ... (training/configs)")
-    p.add_argument("--data", required=True, help="shard pattern: dir, glob, {a..b} braces, pipe:, URLs; '::' joins")
+    p.add_argument("--data", required=True,
+                   help="shard pattern: dir, glob, {a..b} braces, s3:// prefix / glob / object, pipe:, "
+                        "http(s) URLs; '::' joins (S3: the standard AWS configuration)")
     p.add_argument("--output", required=True, help="run folder")
     p.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
@@ -59,6 +62,22 @@ def build_model(cfg: TrainConfig):
     if cfg.model.pretrained:  # overrides switch parts on or off (new parts are built fresh)
         return Ouroboros3D.from_pretrained(cfg.model.pretrained, **cfg.model.overrides)
     return Ouroboros3D.from_config(preset(cfg.model.preset, **cfg.model.overrides))
+
+
+def list_shards_on_rank0(pattern: str, reads: ReadPolicy) -> list[str]:
+    """The shard URLs of ``--data``, listed once by rank 0 and sent to every rank, so that all
+    ranks split the same list even while a render job adds shards to the store. A listing error
+    stops every rank with rank 0's message (none waits for a list that never comes)."""
+    box: list = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box = [expand_shards(pattern, reads)]
+        except OSError as err:  # FileNotFoundError included
+            box = [f"--data {pattern}: {err}"]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise SystemExit(box[0])
+    return box[0]
 
 
 def _mean_over_ranks(values: dict) -> dict:
@@ -116,7 +135,7 @@ def main(argv=None) -> int:
     log.info("LPIPS trunk of Eq. 2: %s", trunk or "none (no LPIPS term)")
     engine = build_engine(model, cfg, deepspeed)
     loader = StreamingLoader(
-        args.data,
+        list_shards_on_rank0(args.data, cfg.data.reads),
         LoaderConfig(
             resolution=model.config.resolution,
             batch_size=cfg.optim.micro_batch,
@@ -126,6 +145,7 @@ def main(argv=None) -> int:
             shuffle_initial=cfg.data.shuffle_initial,
             num_workers=cfg.data.num_workers,
             seed=cfg.seed,
+            reads=cfg.data.reads,
         ),
     )
     start = 0
