@@ -244,3 +244,13 @@ def test_pipe_urls_stream(tmp_path):
     cfg = LoaderConfig(resolution=RES, num_workers=0)
     batch = next(iter(StreamingLoader(f"pipe:cat {folder}/shard-000000.tar", cfg)))
     assert batch["key"] == ["p_o0"]
+
+
+@pytest.mark.timeout(120)
+def test_workers_start_after_this_process_decoded_large_frames(tmp_path):
+    """Frames of 384 px decoded in this process (``num_workers=0``) used OpenCV's thread pool;
+    DataLoader workers forked after that used to hang for ever in ``cv2.setNumThreads``."""
+    folder = write_shards(tmp_path, [[make_sample(f"big{i}", size=384) for i in range(2)]])
+    _take(StreamingLoader(folder, LoaderConfig(resolution=RES, num_workers=0)), 2)
+    forked = StreamingLoader(folder, LoaderConfig(resolution=RES, num_workers=2, shuffle_buffer=1))
+    assert {b["key"][0] for b in _take(forked, 2)} == {"big0_o0", "big1_o0"}

@@ -298,6 +298,13 @@ def collate(items: list) -> dict:
 
 def _worker_init(_):
     torch.set_num_threads(1)
+
+
+def _single_threaded_opencv() -> None:
+    """One OpenCV thread for decoding, here and (inherited) in the workers forked after: the
+    workers are the parallelism. Set in the parent, before the fork: once this process had
+    decoded large frames itself (``num_workers=0``), a worker that resized OpenCV's thread pool
+    (``cv2.setNumThreads`` in the child) hung for ever (384 and 512 px frames; opencv-python 4.x)."""
     cv2.setNumThreads(1)
 
 
@@ -360,6 +367,7 @@ class StreamingLoader:
         }
 
     def __iter__(self) -> Iterator[dict]:
+        _single_threaded_opencv()
         workers = max(self.cfg.num_workers, 1)
         dataset = ShardStream(self.urls, self.cfg, dict(self.streams), self.batches % workers)
         loader = DataLoader(
