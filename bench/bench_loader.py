@@ -1,11 +1,16 @@
 """Loader throughput: samples/s of training.loader on 512 px shards (8 RGBA + 8 CCM frames decoded).
 
-    python bench/bench_loader.py [--shards DIR] [--resolution 512] [--model-resolution 512]
-        [--samples 24] [--workers 0 1 2]
+    python bench/bench_loader.py [--shards DIR | s3://bucket/prefix] [--resolution 512]
+        [--model-resolution 512] [--samples 24] [--workers 0 1 2]
+    python bench/bench_loader.py --compare-s3 [--shards DIR] [--repeats 3] ...
 
 Without ``--shards`` it writes synthetic shards in the docs/design.md section 3 format: an object disc
 with a smooth colour gradient plus 8-bit noise (so PNG compression is no easier than on a
 render), CCM with a gradient. ``--workers 0`` measures one process (= the rate of one worker).
+``--shards s3://...`` reads an object store (the standard AWS configuration says which).
+``--compare-s3`` starts a local S3 server (moto, on loopback, in its own process), uploads the
+local shards to it and measures the loader from there and from the local folder, alternately,
+``--repeats`` times each: the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -14,18 +19,26 @@ import argparse
 import io
 import json
 import os
+import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cv2  # noqa: E402
+import fsspec  # noqa: E402
 import numpy as np  # noqa: E402
 import webdataset as wds  # noqa: E402
 
 from data_pipeline import conventions as cv  # noqa: E402
+from data_pipeline.shards import SHARD_GLOB  # noqa: E402
 from training.loader import LoaderConfig, StreamingLoader  # noqa: E402
 
 
@@ -75,13 +88,70 @@ def measure(pattern: str, resolution: int, workers: int, samples: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
+@contextmanager
+def local_s3_server() -> Iterator[str]:
+    """A moto S3 server on a free loopback port, in its own process (so that it does not share
+    the measured process's GIL), reached through the standard AWS environment, which this
+    process and its DataLoader workers get. Yields the endpoint URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"the moto S3 server at {endpoint} did not start in 10 s")
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1")
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def upload_shards(folder: str, url: str) -> None:
+    """Copy the ``shard-*.tar`` of a local folder to the bucket prefix ``url`` (bucket created)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.mkdir(path.split("/", 1)[0])
+    for shard in sorted(Path(folder).glob(SHARD_GLOB)):
+        fs.put_file(str(shard), f"{path}/{shard.name}")
+
+
+def compare_s3(folder: str, args) -> None:
+    """Loader rates from a local S3 server and from the local folder, alternately, ``--repeats``
+    times per worker count: medians and the S3 / local ratio."""
+    with local_s3_server() as endpoint:
+        url = "s3://bench-loader/shards"
+        upload_shards(folder, url)
+        print(f"local S3 server (moto) at {endpoint}; shards uploaded to {url}")
+        for w in args.workers:
+            rates = {"local": [], "s3": []}
+            for _ in range(args.repeats):
+                for name, pattern in (("local", folder), ("s3", url)):
+                    rates[name].append(measure(pattern, args.model_resolution, w, args.samples))
+            local, s3 = (statistics.median(rates[n]) for n in ("local", "s3"))
+            print(f"workers={w}: local {local:.2f} samples/s, s3 {s3:.2f} samples/s, s3/local "
+                  f"{s3 / local:.2f} (medians of {args.repeats}; local "
+                  f"{', '.join(f'{r:.2f}' for r in rates['local'])}; s3 {', '.join(f'{r:.2f}' for r in rates['s3'])})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", help="existing shards (pattern); default: synthetic")
+    p.add_argument("--shards", help="existing shards (pattern, s3:// URLs too); default: synthetic")
     p.add_argument("--resolution", type=int, default=512, help="synthetic shard resolution")
     p.add_argument("--model-resolution", type=int, default=512)
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--compare-s3", action="store_true",
+                   help="the same shards from a local S3 server (moto) and from a local folder (--shards: a folder)")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per source with --compare-s3")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pattern = args.shards
@@ -91,6 +161,11 @@ def main() -> None:
             size = os.path.getsize(Path(tmp) / "shard-000000.tar") / (args.samples + 4)
             print(f"synthetic shard: {args.resolution} px, {size / 1e6:.1f} MB per sample")
         print(f"machine: {os.cpu_count()} CPU cores; model resolution {args.model_resolution}")
+        if args.compare_s3:
+            if not os.path.isdir(pattern):
+                p.error(f"--compare-s3 uploads a local folder of shards; --shards {pattern} is not one")
+            compare_s3(pattern, args)
+            return
         for w in args.workers:
             rate = measure(pattern, args.model_resolution, w, args.samples)
             per = rate / max(w, 1)
