@@ -139,16 +139,19 @@ def test_kill_and_resume_against_the_store(s3_bucket):
 @pytest.mark.slow
 @pytest.mark.blender
 def test_the_store_going_away_mid_job_is_retried_to_completion(s3_bucket, s3_server):
-    """The S3 server stops once the first shard is in (nothing in-process survives but moto's
-    state), comes back 4 s later: the job's writes are retried and it completes, exactly once."""
+    """The S3 server stops once the first shard is in (moto's state lives in this process and
+    survives) and comes back 12 s later, while units are still being written: the job's writes
+    are retried (botocore's own retries set to one try, so that the store's show) and it
+    completes, exactly once."""
     from moto.server import ThreadedMotoServer
 
     url = f"{s3_bucket}/flaky"
     root = url.removeprefix("s3://")
     fs = s3()
-    job = subprocess.Popen([sys.executable, "-m", "data_pipeline", "render", "--source", "demo", "--count", "4",
+    job = subprocess.Popen([sys.executable, "-m", "data_pipeline", "render", "--source", "demo", "--count", "6",
                             "--seed", "7", "--per-shard", "2", *FAST, "--output", url, "--no-contact-sheet"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=dict(os.environ, AWS_MAX_ATTEMPTS="1"))
     try:
         deadline = time.monotonic() + 400
         while not fs.glob(f"{root}/shard-*.tar"):
@@ -157,7 +160,7 @@ def test_the_store_going_away_mid_job_is_retried_to_completion(s3_bucket, s3_ser
             time.sleep(0.2)
             fs.invalidate_cache()
         s3_server["server"].stop()
-        time.sleep(4)
+        time.sleep(12)
         s3_server["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_server["port"], verbose=False)
         s3_server["server"].start()
         out, _ = job.communicate(timeout=600)
@@ -165,9 +168,9 @@ def test_the_store_going_away_mid_job_is_retried_to_completion(s3_bucket, s3_ser
         if job.poll() is None:
             job.kill()
     assert job.returncode == 0, out[-3000:]
-    assert "retry" in out  # the outage was met, and retried
+    assert "retry" in out, out[-3000:]  # the outage was met, and retried
     fs.invalidate_cache()
-    check_exactly_once(fs, url, 4)
+    check_exactly_once(fs, url, 6)
 
 
 def test_a_store_that_stays_away_is_a_clear_error_naming_the_url(monkeypatch):
