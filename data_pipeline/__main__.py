@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     render.add_argument("--no-denoise", action="store_true",
                         help="skip the denoiser (a large fixed cost per frame on CPU; previews)")
     render.add_argument("--timeout", type=float, default=900.0, help="seconds per object")
-    render.add_argument("--memory-gb", type=float, default=8.0, help="address-space cap per render")
+    render.add_argument("--memory-gb", type=float, default=8.0, help="data-memory cap (RLIMIT_DATA) of each Blender process")
     render.add_argument("--workers", type=int, help="local Ray CPUs (default: all)")
     render.add_argument("--ray-address", help="'auto' to join the Ray cluster (ray submit)")
     render.add_argument("--gpus-per-task", type=float, default=0.0)
