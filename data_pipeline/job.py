@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -153,9 +152,7 @@ def drop_changed_objects(store: Store, rows: dict[str, ManifestRow], rendered_in
     for shard, uids in sorted(stale.items()):
         if shard not in present or not uids & set(read_index(store, shard).uids):
             continue
-        staging = store.staging_dir()
-        local = staging / f".{shard}.{os.getpid()}.tmp"
-        try:
+        with store.staged(shard) as local:
             with store.open(shard) as stream:
                 info = copy_shard_without(stream, local, shard, uids)
             if info.uids:
@@ -164,10 +161,6 @@ def drop_changed_objects(store: Store, rows: dict[str, ManifestRow], rendered_in
             else:
                 store.remove(index_name(shard))
                 store.remove(shard)
-        finally:
-            local.unlink(missing_ok=True)
-            if store.remote:
-                shutil.rmtree(staging, ignore_errors=True)
 
 
 def reconcile_shards(rows: dict[str, ManifestRow], store: Store) -> list[str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -136,23 +135,18 @@ def render_unit(unit: Unit, settings: RenderSettings, output: str,
                     previews.append(_preview(samples))
                 yield record.uid, samples
 
-    staging = store.staging_dir()  # the output folder itself, or a local temporary folder
-    path = staging / f".{unit.shard}.{os.getpid()}.tmp"
-    try:
-        index = write_shard(path, unit.shard, rendered())
-        if not index.uids:
+    with store.staged(unit.shard) as path:
+        try:
+            index = write_shard(path, unit.shard, rendered())
+            if not index.uids:
+                return UnitResult(unit.shard, results)
+            store.commit_file(path, unit.shard)
+            store.write_bytes(index_name(unit.shard), index.to_json())
+        except StorageError as error:
+            for result in results:
+                if result.ok:
+                    result.ok, result.reason = False, f"storage: {error}"
             return UnitResult(unit.shard, results)
-        store.commit_file(path, unit.shard)
-        store.write_bytes(index_name(unit.shard), index.to_json())
-    except StorageError as error:
-        for result in results:
-            if result.ok:
-                result.ok, result.reason = False, f"storage: {error}"
-        return UnitResult(unit.shard, results)
-    finally:
-        path.unlink(missing_ok=True)
-        if store.remote:
-            shutil.rmtree(staging, ignore_errors=True)
     return UnitResult(unit.shard, results, index=index, previews=previews)
 
 

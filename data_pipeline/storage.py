@@ -26,8 +26,9 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import fsspec
 
@@ -112,12 +113,19 @@ class Store:
         return self._retry("open", name, lambda: self.fs.open(self._path(name), "rb"))
 
     # --------------------------------------------------------------- writing
-    def staging_dir(self) -> Path:
-        """A local folder for files on their way into the store: the output folder itself for a
-        local store (so that committing is a rename), a fresh temporary folder otherwise."""
-        if not self.remote:
-            return Path(self.root)
-        return Path(tempfile.mkdtemp(prefix="ouroboros3d-staging-"))
+    @contextmanager
+    def staged(self, name: str) -> Iterator[Path]:
+        """A local path to build ``name`` in before :meth:`commit_file` puts it into the store:
+        beside the target in a local folder (so that committing is a rename), in a fresh
+        temporary folder for an object store. Removed, with that folder, whatever happens."""
+        staging = Path(tempfile.mkdtemp(prefix="ouroboros3d-staging-")) if self.remote else Path(self.root)
+        local = staging / f".{name}.{os.getpid()}.tmp"
+        try:
+            yield local
+        finally:
+            local.unlink(missing_ok=True)
+            if self.remote:
+                shutil.rmtree(staging, ignore_errors=True)
 
     def commit_file(self, local: str | Path, name: str) -> None:
         """Move a finished local file into the store under ``name``, whole and atomically; the

@@ -93,10 +93,10 @@ def test_objects_to_render_respects_max_retries():
 
 
 def _commit_shard(store: Store, name: str, uids, with_index: bool = True) -> None:
-    local = store.staging_dir() / f".{name}.tmp"
     objects = [(uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)], uid)) for uid in uids]
-    info = write_shard(local, name, objects)
-    store.commit_file(local, name)
+    with store.staged(name) as local:
+        info = write_shard(local, name, objects)
+        store.commit_file(local, name)
     if with_index:
         store.write_bytes(index_name(name), info.to_json())
 
