@@ -29,7 +29,6 @@ Outputs in ``--output``: ``per_object.parquet`` / ``.csv``, ``tables.md`` / ``ta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -67,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--selection", default=None,
                    help="selection file (default eval/gso_selection.txt) or 'all'")
     p.add_argument("--limit", type=int, default=None, help="first N objects found")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (paper: 25)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the checkpoint config's edm.num_steps, the paper's 25)")
     p.add_argument("--feedback-every", type=int, default=1,
                    help="feedback every k steps for the ouroboros variant")
     p.add_argument("--resolution", type=int, default=None,
@@ -140,26 +140,11 @@ def ground_truth_views(orbit, resolution: int, background: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- sampling
-@contextlib.contextmanager
-def zero_feedback(model):
-    """Switch the 3D-aware feedback off: the denoiser gets zero feedback maps at every step.
-
-    This is the two-stage baseline on the same weights: zero feedback is exactly what the
-    model sees in training when self-conditioning is not drawn (Algorithm 1, "feedback = 0
-    otherwise"), and the Gaussians of the last step are one reconstruction of the final views.
-    (``Ouroboros3D.sample`` has no switch for it, so the model's ``feedback_maps`` is wrapped
-    for the duration of the block.)
-    """
-    original = model.feedback_maps
-    model.feedback_maps = lambda renders, like: original(None, like)
-    try:
-        yield model
-    finally:
-        del model.feedback_maps  # back to the class's method
-
-
-def generate(model, gt: dict, steps: int, feedback_every: int, seed: int, device) -> dict:
-    """Algorithm 2 on one object; the model renders its Gaussians at the 8 cameras.
+def generate(model, gt: dict, steps: int | None, feedback_every: int, seed: int, device,
+             use_feedback: bool = True) -> dict:
+    """Algorithm 2 on one object (``use_feedback=False``: the two-stage baseline on the same
+    weights, zero feedback at every step, one reconstruction of the final views); the model
+    renders its Gaussians at the 8 cameras.
 
     Returns:
         dict(views [8,3,R,R] in [0,1], renders [8,3,R,R] in [0,1], seconds)
@@ -170,7 +155,7 @@ def generate(model, gt: dict, steps: int, feedback_every: int, seed: int, device
     start = time.perf_counter()
     with torch.no_grad():
         out = model.sample(cond, c2w, K, num_steps=steps, feedback_every=feedback_every,
-                           generator=generator, progress=False)  # fmt: skip
+                           generator=generator, progress=False, use_feedback=use_feedback)  # fmt: skip
     seconds = time.perf_counter() - start
     return dict(views=((out.views[0] + 1) / 2).clamp(0, 1).float().cpu(),
                 renders=out.renders["rgb"][0].clamp(0, 1).float().cpu(), seconds=seconds,
@@ -197,15 +182,11 @@ def evaluate_object(model, obj: gso.GSOObject, split: str, args, lpips_metric, d
     gt_mesh = geometry.ground_truth_mesh(obj.mesh_path, orbit.meta["normalization"]["source_to_world"],
                                          condition_frame_transform(orbit.c2w[0]))  # fmt: skip
     seed = object_seed(args.seed, obj.name)
-    # Without feedback, intermediate reconstructions are useless: feedback_every = steps keeps
-    # only step 0's and the last one (sample() always reconstructs at both).
-    variants = [(VARIANT_FEEDBACK_ON, cfg.feedback, args.feedback_every, contextlib.nullcontext()),
-                (VARIANT_FEEDBACK_OFF, "none", args.steps, zero_feedback(model))]  # fmt: skip
+    variants = [(VARIANT_FEEDBACK_ON, cfg.feedback, True), (VARIANT_FEEDBACK_OFF, "none", False)]
     variants = [v for v in variants if v[0] in args.variants]
     rows, strip_rows = [], [target]
-    for variant, mode, every, switch in variants:
-        with switch:
-            out = generate(model, gt, args.steps, every, seed, device)
+    for variant, mode, use_feedback in variants:
+        out = generate(model, gt, args.steps, args.feedback_every, seed, device, use_feedback)
         mv = image_metrics(out["views"], target, lpips_metric)
         gs = image_metrics(out["renders"], target, lpips_metric)
         row = dict(object=obj.name, split=split, variant=variant, feedback=mode,
@@ -239,6 +220,7 @@ def main(argv=None) -> int:
 
     device = resolve_device(args.device)
     model = Ouroboros3D.from_pretrained(args.checkpoint).to(device).eval()
+    args.steps = args.steps or model.config.edm.num_steps
     lpips_metric = LPIPSMetric(args.lpips_net, device=device)
     out_dir = args.output
     (out_dir / "objects").mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Image-to-3D with an Ouroboros3D checkpoint: one picture in, 8 views + 3D Gaussians out.
 
     python -m eval.image_to_3d --image <png> --checkpoint <dir> --output <dir>
-        [--steps 25 --feedback-every 1 --elevation 0]
+        [--steps N --feedback-every 1 --elevation 0]
 
 Input: an RGBA image (the alpha is the object's mask), or an RGB image of an object on a plain,
 near-uniform background (the background colour is estimated from the image border and the
@@ -185,7 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", required=True, type=Path, help="RGBA, or RGB on a plain background")
     p.add_argument("--checkpoint", required=True, type=Path, help="Ouroboros3D export folder")
     p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the checkpoint config's edm.num_steps, the paper's 25)")
     p.add_argument("--feedback-every", type=int, default=1)
     p.add_argument("--elevation", type=float, default=0.0,
                    help="elevation (degrees) assumed for the input view")

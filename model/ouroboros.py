@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import T2IAdapter
@@ -29,13 +30,13 @@ from model.conditioning import (
     clip_image_embedding,
     condition_latent,
     conditioning_dropout,
-    frame_guidance_scales,
 )
 from model.config import OuroborosConfig
 from model.feedback_adapter import build_adapter
 from model.lgm import LGM, LGMConfig, prepare_inputs, reconstruction_loss
 from model.multiview_unet import MultiViewUNet
 from model.rasterizer import render_gaussians
+from model.sampling import RecursiveDenoiser, sample_euler
 from model.svd import (
     SVDComponents,
     build_svd_components,
@@ -58,19 +59,6 @@ def use_self_conditioning(prob: float, generator: torch.Generator | None = None)
     """Algorithm 1's coin: feed the 3D feedback of a first pass with probability ``prob`` (0.5)."""
     device = generator.device if generator is not None else "cpu"
     return bool(torch.rand(1, generator=generator, device=device).item() < prob)
-
-
-def reconstruction_steps(num_steps: int, feedback_every: int, has_feedback: bool) -> set[int]:
-    """Sampling steps after which x0 is decoded and reconstructed (Algorithm 2).
-
-    With feedback: every ``feedback_every``-th step (every step by default, as Algorithm 2),
-    always including the last one, whose reconstruction is the output 3D. Without feedback
-    only the last step (the two-stage baseline of Table 2).
-    """
-    if feedback_every < 1:
-        raise ValueError(f"feedback_every must be >= 1, got {feedback_every}")
-    steps = set(range(0, num_steps, feedback_every)) if has_feedback else set()
-    return steps | {num_steps - 1}
 
 
 class Ouroboros3D(nn.Module):
@@ -412,14 +400,16 @@ class Ouroboros3D(nn.Module):
         cond_image: torch.Tensor,
         c2w: torch.Tensor,
         K: torch.Tensor,
-        num_steps: int = 25,
+        num_steps: int | None = None,
         feedback_every: int = 1,
         guidance: tuple[float, float] | None = None,
         generator: torch.Generator | None = None,
         progress: bool = True,
         use_feedback: bool = True,
+        callback: Callable | None = None,
     ) -> SampleOutput:
-        """Algorithm 2: recursive 3D-aware sampling (Euler on the Karras schedule).
+        """Algorithm 2: recursive 3D-aware sampling (Euler on the Karras schedule), that is
+        :func:`model.sampling.sample_euler` of a :class:`model.sampling.RecursiveDenoiser`.
 
         The feedback starts at 0; after every ``feedback_every``-th step the predicted x0 is
         decoded, reconstructed by LGM at c_noise(s), rendered at the V cameras and fed to the
@@ -427,41 +417,28 @@ class Ouroboros3D(nn.Module):
 
         Args:
             cond_image: [B, 3, H, W] in [-1, 1].  c2w: [B, V, 4, 4] model frame, view 0 the
-            condition view.  K: [B, V, 3, 3] pixels at H.  guidance: per-frame (min, max) CFG
-            scales (default: the config's, SVD's 1.0 -> 3.0); max <= 1 switches CFG off.
+            condition view.  K: [B, V, 3, 3] pixels at H.  num_steps: default the config's
+            (``edm.num_steps``, 25).  guidance: per-frame (min, max) CFG scales (default: the
+            config's, SVD's 1.0 -> 3.0); max <= 1 switches CFG off.
             use_feedback: False runs a feedback model with zero feedback at every step and
             reconstructs only at the end (the two-stage baseline on the same weights).
+            callback: ``callback(step=, sigma=, x=, denoised=, gaussians=, renders=)`` after
+            every step (``progress`` adds a progress bar beside it).
         """
         cfg = self.config
-        B, V = c2w.shape[:2]
-        H = cfg.resolution
-        if cond_image.shape[-1] != H or cond_image.shape[-2] != H:
-            raise ValueError(f"cond_image is {tuple(cond_image.shape[-2:])}, the model expects {H}x{H}")
-        device = cond_image.device
-        guidance = guidance or (cfg.conditioning.min_guidance, cfg.conditioning.max_guidance)
-        scales = frame_guidance_scales(guidance[0], guidance[1], V).to(device)
-        do_cfg = max(guidance) > 1.0
-
-        embedding, cond_latent = self.encode_condition(cond_image, generator)
-        plucker = latent_plucker_rays(c2w, K, H, self.latent_size)
-        sigmas = edm.karras_sigmas(num_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho).to(device)
-        h = self.latent_size
-        shape = (B, V, self.vae.config.latent_channels, h, h)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        num_steps = num_steps or cfg.edm.num_steps
+        denoiser = RecursiveDenoiser(self, cond_image, c2w, K, num_steps, feedback_every, guidance, generator,
+                                     use_feedback)
+        sigmas = edm.karras_sigmas(num_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho).to(cond_image.device)
+        shape = (c2w.shape[0], c2w.shape[1], self.vae.config.latent_channels, self.latent_size, self.latent_size)
+        x = randn_tensor(shape, generator=generator, device=cond_image.device, dtype=torch.float32)
         x = x * edm.initial_noise_scale(cfg.edm.sigma_max)
-        feedback = self.feedback_maps(None, x)
-        feeds_back = use_feedback and self.denoiser.has_feedback
-        recon_at = reconstruction_steps(num_steps, feedback_every, feeds_back)
-        decoded = gaussians = renders = None
-        for i in tqdm(range(num_steps), desc="sampling", disable=not progress):
-            sigma = sigmas[i].float()
-            pred_x0 = self._guided_denoise(x, sigma, embedding, cond_latent, plucker, feedback, scales, do_cfg)
-            if i in recon_at:
-                decoded = self.decode_latents(pred_x0)
-                gaussians = self.reconstruct(decoded, c2w, K, edm.c_noise(sigma).expand(B))
-                renders = self.render(gaussians, c2w, K)
-                if feeds_back:
-                    feedback = self.feedback_maps(renders, x)
-            x = edm.euler_step(x, pred_x0, sigma, sigmas[i + 1].float())
-        # the last step goes to sigma = 0, so x equals its x0 prediction: ``decoded`` are the views
-        return SampleOutput(views=decoded, gaussians=gaussians, renders=renders)
+        with tqdm(total=num_steps, desc="sampling", disable=not progress) as bar:
+            def step_done(**state) -> None:
+                bar.update(1)
+                if callback is not None:
+                    callback(**state)
+
+            sample_euler(denoiser, x, sigmas, step_done)
+        # the last step goes to sigma = 0, so x equals its x0 prediction: the decoded views
+        return SampleOutput(views=denoiser.views, gaussians=denoiser.gaussians, renders=denoiser.renders)

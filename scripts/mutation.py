@@ -43,6 +43,7 @@ CONV = "tests/test_conventions.py"
 CAMS = "tests/test_cameras.py"
 
 OURO = "model/ouroboros.py"
+SAMP = "model/sampling.py"
 EDMF = "model/edm.py"
 COND = "model/conditioning.py"
 LOSS = "model/lgm/loss.py"
@@ -103,17 +104,17 @@ MUTANTS = [
     M("ouroboros.c_in_not_applied", OURO, "model_input = torch.cat([edm.c_in(s) * noisy, frames], dim=2)",
       "model_input = torch.cat([noisy, frames], dim=2)", (A1,)),
     # ---------------------------------------------------------------- Algorithm 2
-    M("ouroboros.euler_leaves_x_in_place", OURO, "x = edm.euler_step(x, pred_x0, sigma, sigmas[i + 1].float())",
-      "edm.euler_step(x, pred_x0, sigma, sigmas[i + 1].float())", (A2,)),
+    M("ouroboros.euler_leaves_x_in_place", SAMP, "x = edm.euler_step(x, denoised, sigma, sigmas[i + 1].float())",
+      "edm.euler_step(x, denoised, sigma, sigmas[i + 1].float())", (A2,)),
     M("ouroboros.initial_noise_unscaled", OURO, "x = x * edm.initial_noise_scale(cfg.edm.sigma_max)", "x = x", (A2,)),
     M("ouroboros.schedule_rho_1", OURO, "edm.karras_sigmas(num_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, cfg.edm.rho)",
       "edm.karras_sigmas(num_steps, cfg.edm.sigma_min, cfg.edm.sigma_max, 1.0)", (A2,)),
-    M("ouroboros.feedback_stale_after_step_0", OURO, "feedback = self.feedback_maps(renders, x)",
-      "feedback = self.feedback_maps(renders, x) if i == 0 else feedback", (A2,)),
-    M("ouroboros.sampler_lgm_at_c_noise_zero", OURO, "self.reconstruct(decoded, c2w, K, edm.c_noise(sigma).expand(B))",
-      "self.reconstruct(decoded, c2w, K, torch.zeros(B))", (A2,)),
-    M("ouroboros.use_feedback_ignored", OURO, "feeds_back = use_feedback and self.denoiser.has_feedback",
-      "feeds_back = self.denoiser.has_feedback", (A2,)),
+    M("ouroboros.feedback_stale_after_step_0", SAMP, "self.feedback = model.feedback_maps(self.renders, x)",
+      "self.feedback = model.feedback_maps(self.renders, x) if step == 0 else self.feedback", (A2,)),
+    M("ouroboros.sampler_lgm_at_c_noise_zero", SAMP, "edm.c_noise(sigma).expand(x.shape[0]))",
+      "torch.zeros(x.shape[0]))", (A2,)),
+    M("ouroboros.use_feedback_ignored", SAMP, "self.feeds_back = use_feedback and model.denoiser.has_feedback",
+      "self.feeds_back = model.denoiser.has_feedback", (A2,)),
     M("ouroboros.cfg_halves_swapped", OURO, "uncond, cond = pred.chunk(2)", "cond, uncond = pred.chunk(2)", (A2,)),
     M("ouroboros.cfg_uncond_keeps_embedding", OURO, "torch.cat([torch.zeros_like(embedding), embedding])",
       "torch.cat([embedding, embedding])", (A2,)),

@@ -9,7 +9,8 @@ import torch
 from data_pipeline.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
 from model.conditioning import classifier_free_guidance, conditioning_dropout, frame_guidance_scales
 from model.config import preset
-from model.ouroboros import Ouroboros3D, reconstruction_steps, use_self_conditioning
+from model.ouroboros import Ouroboros3D, use_self_conditioning
+from model.sampling import reconstruction_steps
 
 # The tiny preset shrunk further (32 px, 4 views at 90 degrees) so that the torch reference
 # rasterizer keeps these end-to-end tests within the suite's budget on 2 CPU cores.
@@ -176,6 +177,37 @@ def test_algorithm2_reconstructs_every_step_and_feeds_back(tiny_model, monkeypat
     calls.clear(), feedbacks.clear()
     model.sample(cond, c2w, K, num_steps=2, guidance=(1.0, 1.0), use_feedback=False, progress=False)
     assert len(calls) == 1 and feedbacks == [0, 0]  # two-stage baseline: zero feedback, LGM at the end
+
+
+def test_sampler_takes_any_denoiser_and_reports_every_step_to_its_callback(tiny_model):
+    """sample_euler: any denoiser(x, sigma, step); the callback sees each step's sigma, x and
+    prediction, and the recursive denoiser's Gaussians and renders of that step."""
+    from model import edm
+    from model.sampling import sample_euler
+
+    sigmas = edm.karras_sigmas(4)
+    seen = []
+    x_T = torch.randn(1, 2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * float(sigmas[0])
+    x0 = torch.full_like(x_T, 0.3)
+    out = sample_euler(lambda x, sigma, step: x0, x_T, sigmas,
+                       callback=lambda **state: seen.append(state))
+    assert torch.allclose(out, x0)  # Euler on a point-mass oracle ends at x0
+    assert [s["step"] for s in seen] == [0, 1, 2, 3]
+    assert [float(s["sigma"]) for s in seen] == pytest.approx(sigmas[:-1].tolist(), rel=1e-6)
+    assert seen[0]["x"] is x_T and all(s["denoised"] is x0 for s in seen)
+    assert all(s["gaussians"] is None and s["renders"] is None for s in seen)  # a plain denoiser
+
+    c2w, K = _cameras(batch=1)
+    cond = torch.rand(1, 3, RES, RES) * 2 - 1
+    for use_feedback, with_3d in ((True, [True, True, True]), (False, [False, False, True])):
+        steps = []
+        out = tiny_model.sample(cond, c2w, K, num_steps=3, guidance=(1.0, 1.0), progress=False,
+                                use_feedback=use_feedback, callback=lambda **state: steps.append(state))
+        assert [s["step"] for s in steps] == [0, 1, 2]
+        assert [s["gaussians"] is not None for s in steps] == with_3d  # the 3D of each reconstruction
+        assert steps[-1]["gaussians"] is out.gaussians and steps[-1]["renders"] is out.renders
+        assert steps[-1]["denoised"].shape == (1, V, tiny_model.vae.config.latent_channels,
+                                               tiny_model.latent_size, tiny_model.latent_size)
 
 
 def test_save_and_load_round_trip(tiny_model, tmp_path):

@@ -226,24 +226,3 @@ def test_benchmark_end_to_end_on_two_objects(gso_root, tiny_checkpoint, tmp_path
     res2 = _benchmark(*args)
     assert res2.returncode == 0, res2.stderr[-3000:]
     assert pq.read_table(out / "per_object.parquet").to_pylist() == rows
-
-
-def test_zero_feedback_switches_the_feedback_off_and_back():
-    # An untrained from_config model: the switch needs the feedback adapters, not trained
-    # weights (it used to pull in the tiny_checkpoint fixture: a Blender render and a training run).
-    import torch
-    from tiny_helpers import tiny_model
-
-    from eval.gso_benchmark import zero_feedback
-
-    model = tiny_model()
-    assert model.config.feedback == "ccm_rgb"
-    r = model.config.resolution
-    renders = dict(rgb=torch.full((1, 8, 3, r, r), 0.5), ccm=torch.full((1, 8, 3, r, r), 0.25))
-    like = torch.zeros(1, 8, 4, r // 8, r // 8)
-    assert model.feedback_maps(renders, like)["ccm"].eq(0.25).all()
-    with zero_feedback(model):
-        off = model.feedback_maps(renders, like)
-        assert off["ccm"].abs().max() == 0 and off["ccm"].shape == (1, 8, 3, r, r)
-        assert off["rgb"] is None or off["rgb"].abs().max() == 0
-    assert model.feedback_maps(renders, like)["ccm"].eq(0.25).all()
