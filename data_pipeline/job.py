@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from data_pipeline.contact_sheet import contact_sheet
-from data_pipeline.conventions import NUM_ORBITS, key_uid
+from data_pipeline.conventions import NUM_ORBITS
 from data_pipeline.manifest import (
     ManifestRow,
     manifest_bytes,
@@ -129,11 +129,7 @@ def read_index(store: Store, shard: str) -> ShardInfo:
     info = ShardInfo(name=shard)
     with store.open(shard) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
-            key = member.name.split(".", 1)[0]
-            if not info.keys or info.keys[-1] != key:
-                info.keys.append(key)
-                if key_uid(key) not in info.uids:
-                    info.uids.append(key_uid(key))
+            info.add_member(member.name)
     store.write_bytes(index_name(shard), info.to_json())
     return info
 

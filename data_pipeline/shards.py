@@ -225,6 +225,14 @@ class ShardInfo:
     num_bytes: int = 0
     sha256: str = ""
 
+    def add_member(self, member_name: str) -> None:
+        """Count a tar member ``<key>.<suffix>`` read in shard order: its key and uid, once each."""
+        key = member_name.split(".", 1)[0]
+        if not self.keys or self.keys[-1] != key:
+            self.keys.append(key)
+        if key_uid(key) not in self.uids:
+            self.uids.append(key_uid(key))
+
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
 
@@ -275,14 +283,9 @@ def copy_shard_without(stream, path: str | Path, name: str, drop_uids: set[str])
     info = ShardInfo(name=name)
     with tarfile.open(fileobj=stream, mode="r|") as source, tarfile.open(path, "w") as copy:
         for member in source:
-            key = member.name.split(".", 1)[0]
-            uid = key_uid(key)
-            if uid in drop_uids:
+            if key_uid(member.name.split(".", 1)[0]) in drop_uids:
                 continue
             copy.addfile(member, source.extractfile(member))
-            if not info.keys or info.keys[-1] != key:
-                info.keys.append(key)
-            if uid not in info.uids:
-                info.uids.append(uid)
+            info.add_member(member.name)
     info.num_bytes, info.sha256 = _size_and_sha256(path)
     return info
