@@ -1,15 +1,14 @@
 """Round-trip quality of a trained autoencoder on the frames of (held-out) shards.
 
-    python bench/bench_autoencoder.py --svd <dir>/svd --data '<heldout>/shard-*.tar' [--resolution 64]
-    python bench/bench_autoencoder.py --checkpoint <dir>/checkpoint.pt --data '<heldout>/shard-*.tar'
+    python bench/bench_autoencoder.py --svd <ae>/export --data '<heldout>/shard-*.tar' [--resolution 64]
 
 Every orbit of every shard, all 16 frames in two groups of 8 (frames s, s+2, ..., as the model
 sees them: ``training_frame_indices(0)`` and ``(1)``), composited over the model background and
 resized exactly as the training loader does, encoded (posterior mode), decoded by the temporal
 decoder over the 8 frames, and scored: PSNR (dB, [0, 1] images) per object and over all frames,
 with its luma and chroma parts (BT.601 ``Y``, and the channels minus ``Y``: where the colour
-goes). ``--checkpoint`` scores the autoencoder of a ``training.autoencoder`` checkpoint, so a long
-run can be watched while it trains. With ``--random`` the same VAE config with random weights is
+goes). The trainer rewrites ``<ae>/export`` at every checkpoint, so a long run can be scored
+while it trains. With ``--random`` the same VAE config with random weights is
 scored beside it. ``--picture <png>`` draws the first 8-frame group of every object: its frames
 over their round trip, two rows an object, 1 px gaps.
 """
@@ -28,7 +27,7 @@ from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 
 from data_pipeline.conventions import training_frame_indices  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
-from training.autoencoder import chroma, luma, model_config, roundtrip, save_roundtrip_picture  # noqa: E402
+from training.autoencoder import chroma, luma, roundtrip, save_roundtrip_picture  # noqa: E402
 from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
 
 
@@ -64,26 +63,18 @@ def score(vae, pattern: str, resolution: int, background: float) -> dict:
                 examples=examples)
 
 
-def load_checkpoint_vae(path: Path) -> AutoencoderKLTemporalDecoder:
-    """The autoencoder of a ``training.autoencoder`` checkpoint, built from the run's own
-    arguments (preset and latent channels)."""
+def load_vae(folder: Path) -> AutoencoderKLTemporalDecoder:
+    """The autoencoder of an SVD-layout folder (``vae/``), refused with the folder named."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        run = state["args"]
-        cfg = model_config(run["preset"], run.get("latent_channels"))
-        vae = AutoencoderKLTemporalDecoder(**cfg.vae)
-        vae.load_state_dict(state["vae"])
-    except (OSError, KeyError, TypeError, RuntimeError, EOFError) as err:
-        raise SystemExit(f"{path}: not a training.autoencoder checkpoint ({type(err).__name__}: {err})") from err
-    print(f"{path}: step {state['step']}")
-    return vae
+        return AutoencoderKLTemporalDecoder.from_pretrained(folder, subfolder="vae")
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise SystemExit(f"{folder}: not an SVD-layout folder with an autoencoder in vae/ ({err})") from err
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--svd", type=Path, help="SVD-layout folder (training.autoencoder's svd/)")
-    which.add_argument("--checkpoint", type=Path, help="a training.autoencoder checkpoint.pt")
+    p.add_argument("--svd", type=Path, required=True,
+                   help="SVD-layout folder (the export/ of a run of the trainer's autoencoder objective)")
     p.add_argument("--data", required=True, help="shards to score (held-out objects)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--background", type=float, default=1.0)
@@ -91,11 +82,7 @@ def main() -> None:
     p.add_argument("--picture", type=Path, help="PNG: each object's first 8 frames over their round trip")
     args = p.parse_args()
     torch.set_grad_enabled(False)
-    if args.svd:
-        trained = AutoencoderKLTemporalDecoder.from_pretrained(args.svd, subfolder="vae")
-    else:
-        trained = load_checkpoint_vae(args.checkpoint)
-    vaes = {"trained": trained.eval()}
+    vaes = {"trained": load_vae(args.svd).eval()}
     if args.random:
         torch.manual_seed(0)
         vaes["random"] = AutoencoderKLTemporalDecoder.from_config(vaes["trained"].config).eval()

@@ -8,10 +8,7 @@
 # Re-running resumes every step. Knobs: the DEMO_* variables below and TINY_* of tiny_pretrain.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# DeepSpeed's accelerator: CUDA where there is one, else CPU ranks
-export DS_ACCELERATOR=${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
-# a free rendezvous port per launch: another DeepSpeed job on this machine may hold the default
-free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source scripts/common.sh  # DS_ACCELERATOR, free_port, step
 
 OUT=${DEMO_OUTPUT:-outputs/demo}
 HELDOUT_OBJECTS=${DEMO_HELDOUT_OBJECTS:-3}
@@ -19,7 +16,6 @@ JOINT_STEPS=${DEMO_JOINT_STEPS:-60}
 SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-25}
 export TINY_TRAIN_OBJECTS=${TINY_TRAIN_OBJECTS:-4} TINY_RESOLUTION=${TINY_RESOLUTION:-128}
 
-step() { printf '\n\033[1m== %s ==  (%s)\033[0m\n' "$*" "$(date +%H:%M:%S)"; }
 
 bash scripts/tiny_pretrain.sh "${OUT}"
 

@@ -14,10 +14,7 @@
 # Re-running resumes every step. Result: ${OUT}/table2/table2.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# DeepSpeed's accelerator: CUDA where there is one, else CPU ranks
-export DS_ACCELERATOR=${DS_ACCELERATOR:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
-# a free rendezvous port per launch: another DeepSpeed job on this machine may hold the default
-free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source scripts/common.sh  # DS_ACCELERATOR, free_port, step
 
 OUT=${TABLE2_OUTPUT:-outputs/table2_tiny}
 BASE=${TABLE2_BASE:-${OUT}/pretrain}
@@ -27,7 +24,6 @@ SAMPLE_STEPS=${TABLE2_SAMPLE_STEPS:-25}
 RANKS=${TINY_RANKS:-2}
 export TINY_TRAIN_OBJECTS=${TINY_TRAIN_OBJECTS:-4} TINY_RESOLUTION=${TINY_RESOLUTION:-128}
 
-step() { printf '\n\033[1m== %s ==  (%s)\033[0m\n' "$*" "$(date +%H:%M:%S)"; }
 
 bash scripts/tiny_pretrain.sh "${BASE}"
 python scripts/demo_gso.py --seed 0 --count "${TINY_TRAIN_OBJECTS}" --output "${OUT}/seen_gso"

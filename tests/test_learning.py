@@ -10,6 +10,7 @@ optimizer leaves it near the untrained model's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from data_pipeline.shards import iter_shard, list_shards
 from model.config import preset
@@ -109,27 +111,33 @@ def test_fresh_adapters_leave_a_pretrained_model_unchanged(tmp_path):
         Ouroboros3D.from_pretrained(tmp_path / "base", feedback="depth")
 
 
+def train_autoencoder(config: str, data, out, *assignments: str) -> subprocess.CompletedProcess:
+    """``python training/main.py --config <config>`` (objective ``autoencoder``), one process."""
+    cmd = [sys.executable, "training/main.py", "--config", config, "--data", str(data), "--output", str(out),
+           "--resume", "auto", "--set", "data.num_workers=0", *(x for a in assignments for x in ("--set", a))]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+
+
 @pytest.mark.slow
 def test_autoencoder_trainer_output_loads_and_round_trips(demo_shards, tmp_path):
-    """``python -m training.autoencoder`` -> an SVD folder the tiny preset loads through
-    ``svd_path`` (the real from_pretrained path), which round-trips a rendered orbit far better
-    than the randomly initialised autoencoder; a second run resumes from its checkpoint."""
+    """The trainer's ``autoencoder`` objective (``--config tiny_autoencoder``) -> an SVD folder
+    the tiny preset loads through ``svd_path`` (the real from_pretrained path), which round-trips a
+    rendered orbit far better than the randomly initialised autoencoder; a second run resumes
+    from its checkpoint."""
     from training.autoencoder import roundtrip
 
     out = tmp_path / "ae"
-    cmd = [sys.executable, "-m", "training.autoencoder", "--data", str(demo_shards), "--output", str(out),
-           "--steps", "100", "--batch", "1", "--num-workers", "0", "--checkpoint-every", "50",
-           "--scale-batches", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    proc = train_autoencoder("tiny_autoencoder", demo_shards, out, "max_steps=100", "checkpoint_every=50",
+                             "autoencoder.scale_batches=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "autoencoder.json").read_text())
     assert summary["steps"] == 100 and (out / "roundtrip.png").is_file()
     # scaling factor = 1 / std of the latents, written into the saved VAE config
-    saved = json.loads((out / "svd" / "vae" / "config.json").read_text())
+    saved = json.loads((out / "export" / "vae" / "config.json").read_text())
     assert saved["scaling_factor"] == pytest.approx(1 / summary["latent_std"])
 
-    trained = Ouroboros3D.from_config(preset("tiny", svd_path=str(out / "svd"))).vae
+    trained = Ouroboros3D.from_config(preset("tiny", svd_path=str(out / "export"))).vae
     torch.manual_seed(0)
     random_vae = Ouroboros3D.from_config(preset("tiny")).vae
     images = _orbit_batch(demo_shards)["images"]
@@ -141,28 +149,32 @@ def test_autoencoder_trainer_output_loads_and_round_trips(demo_shards, tmp_path)
     with torch.no_grad():
         good, bad = psnr(trained), psnr(random_vae)
     assert good > bad + 6.0, (good, bad)  # seen: 13.98 vs 7.08 dB at 100 steps (6.45 dB apart at 60)
+    # the config's cosine schedule is what the optimizer used, step by step
+    lrs = [json.loads(line)["lr"] for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([2e-3 * (0.05 + 0.95 * (1 + math.cos(math.pi * s / 100)) / 2) for s in range(100)])
 
     # resume: a longer run continues from step 100 instead of starting over
-    cmd[cmd.index("--steps") + 1] = "110"
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    proc = train_autoencoder("tiny_autoencoder", demo_shards, out, "max_steps=110", "checkpoint_every=50",
+                             "autoencoder.scale_batches=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (out / "losses.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 111))
+    assert json.loads((out / "autoencoder.json").read_text())["steps"] == 110
 
 
-def test_autoencoder_trainer_writes_a_coherent_folder_for_a_wider_latent(demo_shards, tmp_path):
-    """The colour recipe's flags (``--latent-channels``, ``--augment view``, ``--init linear-path``,
-    ``--chroma-weight``) train and write an SVD folder whose autoencoder and UNet agree on the
-    wider latent; the tiny preset loads it through ``svd_path`` and encodes to that latent."""
-    from training.autoencoder import main
-
+def test_colour_recipe_config_writes_a_coherent_folder_for_a_wider_latent(demo_shards, tmp_path):
+    """The colour recipe's config (``tiny_autoencoder_colour``: a wider latent, colour
+    augmentation per view, the linear-path start, the chroma term; here at 8 channels) trains and
+    writes an SVD folder whose autoencoder and UNet agree on the wider latent; the tiny preset
+    loads it through ``svd_path`` and encodes to that latent."""
     out = tmp_path / "ae"
-    argv = ["--data", str(demo_shards), "--output", str(out), "--steps", "3", "--batch", "1", "--num-workers", "0",
-            "--scale-batches", "1", "--latent-channels", "8", "--augment", "view", "--init", "linear-path",
-            "--chroma-weight", "10"]  # fmt: skip
-    assert main(argv) == 0
+    proc = train_autoencoder("tiny_autoencoder_colour", demo_shards, out, "max_steps=3", "model.latent_channels=8",
+                             "autoencoder.scale_batches=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved = yaml.safe_load((out / "train_config.yaml").read_text())["autoencoder"]
+    assert (resolved["augment"], resolved["init"], resolved["chroma_weight"]) == ("view", "linear-path", 10.0)
     assert json.loads((out / "autoencoder.json").read_text())["latent_channels"] == 8
-    model = Ouroboros3D.from_config(preset("tiny", svd_path=str(out / "svd")))
+    model = Ouroboros3D.from_config(preset("tiny", svd_path=str(out / "export")))
     assert model.vae.config.latent_channels == 8
     assert (model.denoiser.unet.config.in_channels, model.denoiser.unet.config.out_channels) == (16, 8)
     images = _orbit_batch(demo_shards)["images"]

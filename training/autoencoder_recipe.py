@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 AUGMENT_MODES = ("step", "orbit", "view", "none")
+AUTOENCODER_INITS = ("default", "linear-path")  # PyTorch's, or init_linear_path
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from training.autoencoder_recipe import AUGMENT_MODES, AUTOENCODER_INITS
 from training.shard_store import ReadPolicy
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
@@ -23,19 +24,26 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 # ``per_model``: the denoiser's and LGM's gradients clipped each to ``grad_clip`` on their own
 # (training/engine.py, clip_per_model; why: docs/training.md, "Gradient clipping").
 CLIP_MODES = ("global", "per_model")
-# What the engine trains: Algorithm 1 (the paper), or LGM alone on the clean views (Eq. 2 at
-# c_noise(sigma_min)), LGM's own pretraining, which gives the joint stage a pretrained LGM.
-OBJECTIVES = ("algorithm1", "reconstruction")
+# What the engine trains: Algorithm 1 (the paper), LGM alone on the clean views (Eq. 2 at
+# c_noise(sigma_min)), LGM's own pretraining, which gives the joint stage a pretrained LGM, or the
+# latent autoencoder where no pretrained one exists (training/autoencoder.py).
+OBJECTIVES = ("algorithm1", "reconstruction", "autoencoder")
+# The learning rate after ``warmup_steps`` of linear warmup: constant (the paper states no
+# schedule), or a cosine decay to ``lr x min_lr_ratio`` at ``max_steps`` (training.engine.lr_factor).
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
 class ModelSection:
     """``preset`` of ``model.config`` with field ``overrides``, or a ``pretrained`` export dir
-    (its config with the same ``overrides`` applied: ``Ouroboros3D.from_pretrained``)."""
+    (its config with the same ``overrides`` applied: ``Ouroboros3D.from_pretrained``).
+    ``latent_channels``: the preset's autoencoder and UNet at another latent width
+    (``model.config.with_latent_channels``; what the ``autoencoder`` objective trains)."""
 
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)
     pretrained: str | None = None
+    latent_channels: int | None = None
     gradient_checkpointing: bool = False
 
 
@@ -49,6 +57,23 @@ class DataSection:
     shuffle_initial: int = 16
     num_workers: int = 2
     reads: ReadPolicy = field(default_factory=ReadPolicy)
+
+
+@dataclass
+class AutoencoderSection:
+    """The ``autoencoder`` objective's recipe (training/autoencoder.py, ``autoencoder_loss``)."""
+
+    # colour augmentation (training/autoencoder_recipe.py) drawn per step | orbit | view, or none
+    augment: str = "none"
+    # default: PyTorch's initialisation; linear-path: init_linear_path
+    init: str = "default"
+    # the loss weights (autoencoder_loss): KL in SD's units, squared error, its colour part, LPIPS
+    kl_weight: float = 1e-6
+    mse_weight: float = 1.0
+    chroma_weight: float = 0.0
+    lpips_weight: float = 0.0
+    # batches of a second loader that measure the latent std at each export
+    scale_batches: int = 16
 
 
 @dataclass
@@ -67,6 +92,8 @@ class OptimSection:
     weight_decay: float = 1e-2
     eps: float = 1e-8
     warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     grad_clip_mode: str = "global"
     precision: str = "auto"
@@ -86,11 +113,18 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
 
     def validate(self) -> None:
         o = self.optim
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if o.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+        if self.autoencoder.augment not in AUGMENT_MODES:
+            raise ValueError(f"autoencoder.augment must be one of {AUGMENT_MODES}, got {self.autoencoder.augment!r}")
+        if self.autoencoder.init not in AUTOENCODER_INITS:
+            raise ValueError(f"autoencoder.init must be one of {AUTOENCODER_INITS}, got {self.autoencoder.init!r}")
         if o.grad_clip_mode not in CLIP_MODES:
             raise ValueError(f"optim.grad_clip_mode must be one of {CLIP_MODES}, got {o.grad_clip_mode!r}")
         if o.precision not in PRECISIONS:
@@ -121,7 +155,8 @@ def _build(cls, data: dict, where: str):
 
 # the mappings of a config that are dataclasses of their own: (owner, key) -> class
 SECTIONS = {(TrainConfig, "model"): ModelSection, (TrainConfig, "data"): DataSection,
-            (TrainConfig, "optim"): OptimSection, (DataSection, "reads"): ReadPolicy}
+            (TrainConfig, "optim"): OptimSection, (TrainConfig, "autoencoder"): AutoencoderSection,
+            (DataSection, "reads"): ReadPolicy}
 
 
 def apply_overrides(data: dict, assignments: list[str]) -> dict:

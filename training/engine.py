@@ -1,13 +1,15 @@
 """DeepSpeed engine: distributed setup, the ZeRO-2 config, and one optimizer step.
 
-The engine wraps :class:`TrainingObjective` (the model's ``training_losses`` as ``forward``),
-so DeepSpeed's forward hooks, loss scaling and gradient accumulation all apply. Only
-``Ouroboros3D.trainable_parameters()`` go to the optimizer (VAE and CLIP stay frozen).
+The engine wraps an objective module (:func:`objective_module`: the model's ``training_losses``
+or ``reconstruction_losses`` as ``forward``, or the autoencoder's loss), so DeepSpeed's forward
+hooks, loss scaling and gradient accumulation all apply. Only the objective's
+``parameter_groups()`` go to the optimizer (for Algorithm 1: VAE and CLIP stay frozen).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -93,13 +95,35 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     ds["optimizer"]["params"].update(lr=o.lr, betas=list(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if not torch.cuda.is_available():
         ds["optimizer"]["params"]["torch_adam"] = True
-    if o.warmup_steps > 0:  # the paper states no schedule: constant lr unless asked
-        ds["scheduler"] = dict(type="WarmupLR", params=dict(
-            warmup_min_lr=0.0, warmup_max_lr=o.lr, warmup_num_steps=o.warmup_steps, warmup_type="linear"))
     ds["zero_optimization"]["stage"] = o.zero_stage
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     return ds
+
+
+def lr_factor(step: int, max_steps: int, warmup_steps: int = 0, schedule: str = "constant",
+              min_lr_ratio: float = 0.0) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) over ``optim.lr``: a linear warmup
+    ``(step + 1) / warmup_steps`` over the first ``warmup_steps``, then 1 (``constant``, the
+    paper's: it states no schedule) or the cosine from 1 down to ``min_lr_ratio`` at ``max_steps``
+    (``min + (1 - min) (1 + cos(pi t)) / 2``, ``t`` the fraction of the steps after warmup)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    t = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def lr_scheduler(cfg: TrainConfig):
+    """The callable DeepSpeed builds its scheduler with: ``LambdaLR`` of :func:`lr_factor`
+    (stepped by the engine after each optimizer step, saved in its checkpoints)."""
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg.max_steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class TrainingObjective(torch.nn.Module):
@@ -115,26 +139,41 @@ class TrainingObjective(torch.nn.Module):
         self.model = model
         self.objective = objective
 
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """``Ouroboros3D.trainable_parameter_groups`` of the objective (``denoiser``, ``lgm``)."""
+        return self.model.trainable_parameter_groups(self.objective)
+
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         if self.objective == "reconstruction":
             return self.model.reconstruction_losses(batch, generator=generator)
         return self.model.training_losses(batch, generator=generator)
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed):
-    """Wrap the model in a DeepSpeed engine (ZeRO-2, AdamW on the trainable parameters only)."""
+def objective_module(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """What the engine trains: :class:`TrainingObjective` of an ``Ouroboros3D``, or
+    ``training.autoencoder.AutoencoderObjective`` of an autoencoder (``objective: autoencoder``)."""
+    if cfg.objective == "autoencoder":
+        from training.autoencoder import AutoencoderObjective
+
+        return AutoencoderObjective(model, cfg.autoencoder)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if cfg.objective == "reconstruction":  # LGM alone: the denoiser stays as it is
         model.denoiser.requires_grad_(False)
         model.lgm.requires_grad_(True)
-    params = [p for p in model.trainable_parameters(cfg.objective) if p.requires_grad]
+    return TrainingObjective(model, cfg.objective)
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, deepspeed):
+    """Wrap the model's objective (:func:`objective_module`) in a DeepSpeed engine (ZeRO-2, AdamW
+    on its parameter groups only, the lr of :func:`lr_factor`)."""
+    objective = objective_module(model, cfg)
+    params = [p for group in objective.parameter_groups().values() for p in group if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     ds_config = deepspeed_config(cfg, torch.distributed.get_world_size())
-    engine, _, _, _ = deepspeed.initialize(
-        model=TrainingObjective(model, cfg.objective), model_parameters=params, config=ds_config
-    )
+    engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params, config=ds_config,
+                                           lr_scheduler=lr_scheduler(cfg))
     return engine
 
 
@@ -202,7 +241,7 @@ def train_step(engine, batches, seed: int, want_visuals: bool = False,
 
     Args:
         batches: iterator of loader batches.  seed: run seed (generator per micro step).
-        groups: parameter groups (``Ouroboros3D.trainable_parameter_groups``) whose gradient
+        groups: parameter groups (the objective's ``parameter_groups()``) whose gradient
             norms are measured before the step (``StepResult.grad_norms``); required by
             ``clip_mode="per_model"``, which clips each group to ``max_norm`` on its own.
     """
@@ -230,7 +269,7 @@ def train_step(engine, batches, seed: int, want_visuals: bool = False,
             grad_norms = {k: v / loss_scale for k, v in norms.items()}
         engine.step()
         for k, v in out.items():
-            if k.startswith("loss") and torch.is_tensor(v):
+            if k.startswith(("loss", "psnr")) and torch.is_tensor(v):
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
         self_cond += bool(out.get("self_cond_used", False))
         if want_visuals and micro == accum - 1:

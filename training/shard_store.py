@@ -44,20 +44,19 @@ S3_PROTOCOLS = ("s3", "s3a")
 class ReadPolicy:
     """Timeouts and retries of shard reads from an object store.
 
-    connect_timeout_s, read_timeout_s: botocore's timeouts of one connection attempt and of one
-    socket read. attempts: tries of one request (botocore standard retry mode). reopens: how
-    many times one shard may be re-opened after a failed open or read before it is skipped.
-    reopen_pause_s: the pause before the first re-open, doubled before each next one.
-
     A store that stops answering costs one shard at most about
     ``(reopens + 1) x attempts x (connect or read timeout) + reopen_pause_s x (2^reopens - 1)``
     seconds (defaults: 4 x 3 x 30 + 14 s, about 6 min); one that refuses connections, seconds.
     """
 
+    # botocore's timeouts of one connection attempt and of one socket read
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
+    # tries of one request (botocore's standard retry mode)
     attempts: int = 3
+    # how many times one shard may be re-opened after a failed open or read before it is skipped
     reopens: int = 3
+    # the pause before the first re-open, doubled before each next one
     reopen_pause_s: float = 2.0
 
     def __post_init__(self):
