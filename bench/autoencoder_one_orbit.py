@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from bench.autoencoder_recipes import (  # noqa: E402
     add_recipe_arguments, build, grey_chroma_reference, luma_chroma_psnr)
-from data_pipeline.conventions import training_frame_indices  # noqa: E402
+from common.conventions import training_frame_indices  # noqa: E402
 from training.autoencoder import psnr_signed  # noqa: E402
 from training.autoencoder_recipe import augment, augment_views  # noqa: E402
 

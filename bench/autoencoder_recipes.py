@@ -57,14 +57,15 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 
-from data_pipeline.atomic import atomic_path  # noqa: E402
-from data_pipeline.conventions import NUM_FRAMES, training_frame_indices  # noqa: E402
+from common.atomic import atomic_path  # noqa: E402
+from common.conventions import NUM_FRAMES, training_frame_indices  # noqa: E402
+from common.training_views import to_training_views  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
 from model.config import preset  # noqa: E402
 from training.autoencoder import (  # noqa: E402
     autoencoder_loss, chroma, cosine_lr, luma, psnr_signed, roundtrip, save_roundtrip_picture)
 from training.autoencoder_recipe import AUGMENT_MODES, augment_views, init_linear_path  # noqa: E402
-from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
+from training.loader import decode_views, expand_shards  # noqa: E402
 
 RESOLUTION = 64
 

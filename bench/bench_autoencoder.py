@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 
-from data_pipeline.conventions import training_frame_indices  # noqa: E402
+from common.conventions import training_frame_indices  # noqa: E402
+from common.training_views import to_training_views  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
 from training.autoencoder import chroma, luma, model_config, roundtrip, save_roundtrip_picture  # noqa: E402
-from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
+from training.loader import decode_views, expand_shards  # noqa: E402
 
 
 def orbit_views(pattern: str, resolution: int, background: float):

@@ -37,7 +37,7 @@ import fsspec  # noqa: E402
 import numpy as np  # noqa: E402
 import webdataset as wds  # noqa: E402
 
-from data_pipeline import conventions as cv  # noqa: E402
+from common import conventions as cv  # noqa: E402
 from data_pipeline.shards import SHARD_GLOB  # noqa: E402
 from training.loader import LoaderConfig, StreamingLoader  # noqa: E402
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from data_pipeline.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
+from common.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
 from model.camera_embedding import latent_plucker_rays
 from model.config import preset
 from model.ouroboros import Ouroboros3D

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 
 from data_paths import ASSETS  # noqa: E402
 
-from data_pipeline import conventions as C  # noqa: E402
+from common import conventions as C  # noqa: E402
 
 
 def lgm_like_gaussians(n: int, device: str, seed: int = 0) -> torch.Tensor:

@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 
 from data_paths import ASSETS  # noqa: E402
 
+from common.conventions import NUM_FRAMES, NUM_ORBITS  # noqa: E402
 from data_pipeline.blender_process import BlenderProcess  # noqa: E402
-from data_pipeline.conventions import NUM_FRAMES, NUM_ORBITS  # noqa: E402
 from data_pipeline.render import RenderSettings, render_object  # noqa: E402
 
 DEFAULT_MESH = ASSETS / "Duck.glb"

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data_pipeline import conventions as cv  # noqa: E402
+from common import conventions as cv  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.engine import build_engine, init_distributed, train_step  # noqa: E402
 

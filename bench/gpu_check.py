@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_train_step import random_batches  # noqa: E402  (bench/ is this script's folder)
-from data_pipeline import conventions as cv  # noqa: E402
+from common import conventions as cv  # noqa: E402
 
 # gsplat vs reference: float32 kernels differ by ~1e-6 per pixel; pixels where an alpha sits at
 # the 1/255 cutoff or the transmittance at the 1e-4 stop may flip, so the image tolerance is on

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from eval import report
 
 VARIANT = "ouroboros"

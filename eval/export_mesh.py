@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 from eval.mesh_from_gaussians import MeshSettings, mesh_from_gaussians
 
 # world (+Z up) -> glTF/OBJ (+Y up): a -90 degree turn about +X

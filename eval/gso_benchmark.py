@@ -7,7 +7,7 @@ For each object of the selection:
    training orbit), only the 8 frames the model sees: ``training_frame_indices(0)`` =
    0, 2, ..., 14. Frame 0 is the condition image ("pick the first frame as the conditioning
    image", Sec. 4.1). The frames go through the training loader's own conversion
-   (``training.loader.to_training_views``: composited over the model's background, resized to
+   (``common.training_views.to_training_views``: composited over the model's background, resized to
    the model resolution, cameras in the model frame of frame 0).
 2. Sampling (Algorithm 2) twice with the same seed: ``ouroboros`` = the checkpoint with its
    3D-aware feedback; ``two_stage`` = the same checkpoint with the feedback switched off
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.atomic import atomic_write_text
-from data_pipeline.conventions import condition_frame_transform, training_frame_indices
+from common.atomic import atomic_write_text
+from common.conventions import condition_frame_transform, training_frame_indices
 from eval import geometry, gso, report
 from eval.image_to_3d import resolve_device
 from eval.metrics import LPIPSMetric, image_metrics
@@ -132,7 +132,7 @@ def ground_truth_views(orbit, resolution: int, background: float) -> dict:
     Returns:
         dict(images [8,3,R,R] in [-1,1], alphas, ccm, c2w [8,4,4] model frame, K [8,3,3]).
     """
-    from training.loader import to_training_views
+    from common.training_views import to_training_views
 
     views = dict(rgba=orbit.rgba, ccm=orbit.ccm, c2w=orbit.c2w.astype(np.float64),
                  K=orbit.K.astype(np.float64), meta=orbit.meta)  # fmt: skip

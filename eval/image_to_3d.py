@@ -10,7 +10,7 @@ needed. The object is recentred and rescaled so that it spans the frame like the
 renders (longest side of the object's box = ``--fill`` of the image, 0.7 by default: a
 unit-size object at radius 2.0 with a 39.6 degree field of view spans about 70%).
 
-Cameras (``data_pipeline.conventions``): the model frame of the input view, azimuths
+Cameras (``common.conventions``): the model frame of the input view, azimuths
 0, 45, ..., 315 degrees (the condition view on +X), the elevation assumed for the input,
 radius 2.0, field of view 39.6 degrees.
 
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.atomic import atomic_path
-from data_pipeline.conventions import DEFAULT_FOV_DEG, DEFAULT_RADIUS, intrinsics, orbit_c2w
+from common.atomic import atomic_path
+from common.conventions import DEFAULT_FOV_DEG, DEFAULT_RADIUS, intrinsics, orbit_c2w
 from eval.report import save_png, to_uint8
 
 ALPHA_LOW, ALPHA_HIGH = 0.06, 0.14  # colour distance to the background: alpha 0 below, 1 above

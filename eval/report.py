@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_write_bytes, atomic_write_text
+from common.atomic import atomic_write_bytes, atomic_write_text
 from eval import geometry
 
 METRICS = ("psnr", "ssim", "lpips")

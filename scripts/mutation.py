@@ -47,7 +47,7 @@ SAMP = "model/sampling.py"
 EDMF = "model/edm.py"
 COND = "model/conditioning.py"
 LOSS = "model/lgm/loss.py"
-CONVF = "data_pipeline/conventions.py"
+CONVF = "common/conventions.py"
 
 
 _A1 = A1 + "::"

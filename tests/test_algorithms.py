@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
+from common.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
 from model.conditioning import classifier_free_guidance, conditioning_dropout, frame_guidance_scales
 from model.config import preset
 from model.ouroboros import Ouroboros3D, use_self_conditioning

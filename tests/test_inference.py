@@ -67,7 +67,7 @@ def test_recentre_centres_and_scales_like_training_renders():
 
 
 def test_view_cameras_follow_conventions():
-    from data_pipeline.conventions import DEFAULT_RADIUS, look_at_c2w, spherical_to_position
+    from common.conventions import DEFAULT_RADIUS, look_at_c2w, spherical_to_position
 
     c2w, K = i23.view_cameras(8, elevation=10.0, resolution=64)
     assert c2w.shape == (1, 8, 4, 4) and K.shape == (1, 8, 3, 3)

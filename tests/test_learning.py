@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+from common.conventions import training_frame_indices
+from common.training_views import to_training_views
 from data_pipeline.shards import iter_shard, list_shards
 from model.config import preset
 from model.ouroboros import Ouroboros3D
-from training.loader import decode_views, to_training_views
-from data_pipeline.conventions import training_frame_indices
+from training.loader import decode_views
 from data_paths import REPO
 
 SIGMAS = (0.5, 1.0, 2.0)

@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from data_pipeline.atomic import atomic_dir, atomic_path, atomic_write_text  # noqa: E402
+from common.atomic import atomic_dir, atomic_path, atomic_write_text  # noqa: E402
 from training.autoencoder_recipe import AUGMENT_MODES, augment_views, init_linear_path  # noqa: E402
 from training.loader import LoaderConfig, StreamingLoader  # noqa: E402
 from training.logging_utils import TrainLogger  # noqa: E402

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # `python training/main.py` / the deepspeed launc
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
+from common.atomic import atomic_write_text  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.config import TrainConfig, load_config  # noqa: E402
 from training.engine import build_engine, deepspeed_config, init_distributed, train_step  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_path
+from common.atomic import atomic_path
 from model.perceptual import trunk_cache
 from model.perceptual.numpy_pickle import load_numpy_pickle
 
