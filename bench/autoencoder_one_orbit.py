@@ -25,21 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.autoencoder_recipes import (  # noqa: E402
-    add_recipe_arguments, build, grey_chroma_reference, luma_chroma_psnr)
+from bench.autoencoder_recipes import add_recipe_arguments, build, grey_chroma_reference, roundtrip_db  # noqa: E402
 from common.conventions import training_frame_indices  # noqa: E402
-from training.autoencoder import psnr_signed  # noqa: E402
 from training.autoencoder_recipe import augment, augment_views  # noqa: E402
-
-
-def scores(model, trip, x: torch.Tensor) -> dict[str, float]:
-    """PSNR, luma and chroma dB of the round trip of x [1, V, 3, H, W]."""
-    model.eval()
-    with torch.no_grad():
-        r = trip(x)
-    model.train()
-    luma_db, chroma_db = luma_chroma_psnr(r, x)
-    return dict(db=round(psnr_signed(r, x), 2), luma_db=round(luma_db, 2), chroma_db=round(chroma_db, 2))
 
 
 def main() -> None:
@@ -73,8 +61,8 @@ def main() -> None:
         optimizer.step()
         if step % args.every == 0 or step == args.steps:
             record = dict(step=step, s_per_step=round((time.time() - start) / step, 3))
-            record.update(scores(model, trip, x))
-            record.update({f"recoloured_{k}": v for k, v in scores(model, trip, recoloured).items()})
+            record.update(roundtrip_db(model, trip, [x[0]]))
+            record.update({f"recoloured_{k}": v for k, v in roundtrip_db(model, trip, [recoloured[0]]).items()})
             print(json.dumps(record), flush=True)
 
 

@@ -22,7 +22,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the project; the tests' helpe
 
 import torch  # noqa: E402
 
-from eval.metrics import LPIPSMetric, psnr, ssim  # noqa: E402
+from common.image_metrics import LPIPSMetric, psnr, ssim  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

@@ -13,7 +13,7 @@ For each object of the selection:
    3D-aware feedback; ``two_stage`` = the same checkpoint with the feedback switched off
    (multi-view generation, then one reconstruction of the final views: the two-stage baseline
    and the no-feedback row of Table 2).
-3. Metrics (PSNR, SSIM, LPIPS, ``eval/metrics.py``) on all 8 views: (a) generated views vs
+3. Metrics (PSNR, SSIM, LPIPS, ``common/image_metrics.py``) on all 8 views: (a) generated views vs
    ground truth, (b) renders of the reconstructed Gaussians at the same cameras vs ground truth;
    and geometry (Chamfer, F-score, ``eval/geometry.py``): the mesh of the final Gaussians vs
    the ground-truth mesh in the normalised object frame.
@@ -44,9 +44,9 @@ from tqdm import tqdm
 
 from common.atomic import atomic_write_text
 from common.conventions import condition_frame_transform, training_frame_indices
+from common.image_metrics import LPIPSMetric, image_metrics
 from eval import geometry, gso, report
 from eval.image_to_3d import resolve_device
-from eval.metrics import LPIPSMetric, image_metrics
 
 VARIANT_FEEDBACK_OFF = "two_stage"
 VARIANT_FEEDBACK_ON = "ouroboros"

@@ -202,7 +202,8 @@ def test_autoencoder_chroma_term_is_the_colour_part_of_the_squared_error():
     0.299^2 over 3 for a unit red one; and the trainer's loss grows by exactly that term."""
     from diffusers import AutoencoderKLTemporalDecoder
 
-    from training.autoencoder import autoencoder_loss, chroma
+    from common.image_metrics import chroma
+    from training.autoencoder import autoencoder_loss
 
     grey = torch.full((2, 3, 4, 4), 0.7)
     red = torch.zeros(2, 3, 4, 4)

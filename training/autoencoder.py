@@ -43,6 +43,7 @@ from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common.atomic import atomic_dir, atomic_path, atomic_write_text  # noqa: E402
+from common.image_metrics import chroma, psnr  # noqa: E402
 from training.autoencoder_recipe import AUGMENT_MODES, augment_views, init_linear_path  # noqa: E402
 from training.loader import LoaderConfig, StreamingLoader  # noqa: E402
 from training.logging_utils import TrainLogger  # noqa: E402
@@ -123,21 +124,6 @@ def autoencoder_loss(vae, images: torch.Tensor, generator: torch.Generator | Non
                 lpips=lp.detach(), recon=recon.detach().unflatten(0, (B, V)))  # fmt: skip
 
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights of R, G, B
-
-
-def luma(images: torch.Tensor) -> torch.Tensor:
-    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` of images [..., 3, H, W] -> [..., 1, H, W]."""
-    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
-    return torch.einsum("c,...chw->...hw", weights, images).unsqueeze(-3)
-
-
-def chroma(images: torch.Tensor) -> torch.Tensor:
-    """The colour part of images [..., 3, H, W]: each channel minus the luma (``luma``); zero for
-    greys. Linear, so ``chroma(x - y) = chroma(x) - chroma(y)``."""
-    return images - luma(images)
-
-
 def kl_term(kl_per_image: torch.Tensor, values_per_image: int, kl_weight: float) -> torch.Tensor:
     """The KL term of ``autoencoder_loss``, whose reconstruction loss is a per-value mean.
 
@@ -145,12 +131,6 @@ def kl_term(kl_per_image: torch.Tensor, values_per_image: int, kl_weight: float)
     values of an image (``3 H W``) it becomes ``mean_values(rec) + kl_weight KL / (3 H W)``.
     """
     return kl_weight * kl_per_image / values_per_image
-
-
-def psnr_signed(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] measured on [0, 1] (peak 1), over the whole tensor."""
-    mse = F.mse_loss(((pred + 1) / 2).clamp(0, 1), (target + 1) / 2).item()
-    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
 
 
 @torch.no_grad()
@@ -262,7 +242,7 @@ def main(argv=None) -> int:
         optimizer.step()
         step += 1
         record = {k: v.item() for k, v in terms.items() if k != "recon"}
-        record.update(psnr=psnr_signed(terms["recon"], images), lr=optimizer.param_groups[0]["lr"])
+        record.update(psnr=float(psnr(terms["recon"], images, signed=True, pooled=True)), lr=optimizer.param_groups[0]["lr"])
         logger.step(step, record)
         if step % args.log_every == 0 or step == args.steps:
             logger.scalars(step, {f"autoencoder/{k}": v for k, v in record.items()})
@@ -280,7 +260,7 @@ def main(argv=None) -> int:
     vae.register_to_config(scaling_factor=1.0 / std)
     images = scale_batches[0]
     recon = roundtrip(vae, images)
-    train_psnr = psnr_signed(recon, images)
+    train_psnr = float(psnr(recon, images, signed=True, pooled=True))
     save_roundtrip_picture(out / "roundtrip.png", images[:1], recon[:1])
     save_svd_folder(vae, cfg, out / SVD_DIR, args.seed)
     summary = dict(steps=step, scaling_factor=1.0 / std, latent_mean=mean, latent_std=std,

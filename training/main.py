@@ -92,7 +92,7 @@ def lpips_trunk(model_config) -> dict | None:
     """The LPIPS trunk of Eq. 2 (None when the run has no LPIPS term); refuses a random trunk
     unless ``model_config.allow_random_lpips``."""
     from model.lgm.loss import lpips_network
-    from model.perceptual.builder import RandomLPIPSRefused
+    from common.perceptual.builder import RandomLPIPSRefused
 
     if not (model_config.joint_training and model_config.lpips_weight > 0):
         return None
