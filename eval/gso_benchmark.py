@@ -45,8 +45,9 @@ from tqdm import tqdm
 from common.atomic import atomic_write_text
 from common.conventions import condition_frame_transform, training_frame_indices
 from common.image_metrics import LPIPSMetric, image_metrics
+from common.images import save_png
 from eval import geometry, gso, report
-from eval.image_to_3d import resolve_device
+from inference.image_to_3d import resolve_device
 
 VARIANT_FEEDBACK_OFF = "two_stage"
 VARIANT_FEEDBACK_ON = "ouroboros"
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
             failed[name] = f"render failed ({err.reason}): {err}"
             tqdm.write(f"{name}: {failed[name]}", file=sys.stderr)
             continue
-        report.save_png(out_dir / strip_rel, strip)
+        save_png(out_dir / strip_rel, strip)
         atomic_write_text(done, json.dumps(obj_rows, indent=2))
         rows += obj_rows
         strips[name] = strip_rel
