@@ -21,7 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import torch  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402

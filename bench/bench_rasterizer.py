@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' meshes
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
+sys.path.insert(1, str(REPO / "tests"))  # the tests' helpers, as pytest imports them
 
 from data_paths import ASSETS  # noqa: E402
 

@@ -27,13 +27,13 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_train_step import random_batches  # noqa: E402  (bench/ is this script's folder)
+from bench.bench_train_step import random_batches  # noqa: E402
 from common import conventions as cv  # noqa: E402
 
 # gsplat vs reference: float32 kernels differ by ~1e-6 per pixel; pixels where an alpha sits at

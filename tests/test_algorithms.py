@@ -81,7 +81,7 @@ def test_reconstruction_steps():
 
 
 # ----------------------------------------------------------------------------- Algorithm 1
-# Not slow: 1.8-4.6 CPU s (bench/cpu_durations.py); the 30-80 s once noted here were wall time
+# Not slow: 1.8-4.6 CPU s (tools/cpu_durations.py); the 30-80 s once noted here were wall time
 # on the shared machine under load.
 def test_algorithm1_gradients_reach_every_trainable_parameter(tiny_model):
     model = tiny_model.train()
@@ -144,7 +144,7 @@ def test_wider_latent_agrees_through_autoencoder_and_unet():
 
 
 # ----------------------------------------------------------------------------- Algorithm 2
-# Not slow: 1.2-1.7 CPU s (bench/cpu_durations.py).
+# Not slow: 1.2-1.7 CPU s (tools/cpu_durations.py).
 def test_algorithm2_reconstructs_every_step_and_feeds_back(tiny_model, monkeypatch):
     model = tiny_model.eval()
     calls, feedbacks = [], []

@@ -1,4 +1,4 @@
-"""bench/autoencoder_recipes.py: the frame cache that lets a machine without the shards (a GPU
+"""experiments/autoencoder_recipes.py: the frame cache that lets a machine without the shards (a GPU
 one) run the same recipes gives the same frames, and a file that is not a cache is refused."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from data_paths import REPO
 
-SCRIPT = REPO / "bench" / "autoencoder_recipes.py"
+SCRIPT = REPO / "experiments" / "autoencoder_recipes.py"
 
 
 def run_recipe(*args: str) -> subprocess.CompletedProcess:

@@ -1,9 +1,9 @@
 """Does a recipe pass colour through the latent at all? Minutes on one orbit, re-coloured each step.
 
-    python bench/autoencoder_one_orbit.py --frames frames.pt --steps 400 --latent-channels 16 \
+    python experiments/autoencoder_one_orbit.py --frames frames.pt --steps 400 --latent-channels 16 \
         --augment view --init linear-path --chroma-weight 10 [any flag of autoencoder_recipes.py]
 
-Trains a recipe of ``bench/autoencoder_recipes.py`` (same flags, same ``build``) on the first
+Trains a recipe of ``experiments/autoencoder_recipes.py`` (same flags, same ``build``) on the first
 8-frame group of one training orbit of a frame cache (``--orbit``), with colour augmentation
 (``--augment``; ``none`` lets it memorise the colours instead), constant lr. Every ``--every``
 steps it prints one JSON line: round-trip PSNR with its luma and chroma parts on that group as
@@ -21,18 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import torch  # noqa: E402
 
-from bench.autoencoder_recipes import add_recipe_arguments, build, grey_chroma_reference, roundtrip_db  # noqa: E402
 from common.conventions import training_frame_indices  # noqa: E402
+from experiments.autoencoder_recipes import add_recipe_arguments, build, grey_chroma_reference, roundtrip_db  # noqa: E402
 from training.autoencoder_recipe import augment, augment_views  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", type=Path, required=True, help="frame cache of bench/autoencoder_recipes.py")
+    p.add_argument("--frames", type=Path, required=True, help="frame cache of experiments/autoencoder_recipes.py")
     p.add_argument("--orbit", type=int, default=0, help="which training orbit of the cache")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--every", type=int, default=100)
@@ -42,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cache = torch.load(args.frames, weights_only=True)
     if not isinstance(cache, dict) or "train" not in cache:
-        raise SystemExit(f"{args.frames}: not a frame cache written by bench/autoencoder_recipes.py")
+        raise SystemExit(f"{args.frames}: not a frame cache written by experiments/autoencoder_recipes.py")
     x = cache["train"][args.orbit : args.orbit + 1, training_frame_indices(0)].float() / 127.5 - 1
     recoloured = augment(x, torch.Generator().manual_seed(123))
     torch.manual_seed(0)

@@ -1,10 +1,10 @@
 """Which autoencoder recipe gets nearer the round-trip goal: short in-memory training runs.
 
-    python bench/autoencoder_recipes.py --train '<dir>/shard-*.tar' --heldout '<dir>/shard-*.tar' \
+    python experiments/autoencoder_recipes.py --train '<dir>/shard-*.tar' --heldout '<dir>/shard-*.tar' \
         --name base --steps 600 --evals 200,400,600 [--latent-channels 16] [--blocks 3] \
         [--channels 64,64,64,64] [--norm-groups 8] [--arch plain|linear] [--posterior mode] \
         [--augment step|orbit|view|none] [--init linear-path] [--lr 2e-3]
-    python bench/autoencoder_recipes.py --frames frames.pt --device cuda --name base --steps 20000 ...
+    python experiments/autoencoder_recipes.py --frames frames.pt --device cuda --name base --steps 20000 ...
 
 ``--frames`` caches both frame sets (uint8, 27 MB for 64 objects; written on the first run,
 read instead of the shards when it exists), so that a machine without the shards or Blender,
@@ -48,7 +48,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -246,7 +247,7 @@ def roundtrip_db(model, trip, groups) -> dict[str, float]:
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """The recipe's flags (model variant, objective, augmentation, lr), shared with
-    ``bench/autoencoder_one_orbit.py``."""
+    ``experiments/autoencoder_one_orbit.py``."""
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--augment", choices=AUGMENT_MODES, default="step",
                    help="colour augmentation drawn once a step (every orbit alike), an orbit, or a view")
