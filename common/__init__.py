@@ -1,2 +1,2 @@
-"""The ground floor: conventions, atomic file writes, training view selection and image metrics,
-shared by every other package. It imports nothing from them."""
+"""The ground floor, shared by every other package and importing nothing from them: the conventions,
+atomic file writes, training views, image metrics (with LPIPS's trunks) and PNG writing."""
