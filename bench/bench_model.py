@@ -14,15 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
-from data_pipeline.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
-from model.camera_embedding import latent_plucker_rays
-from model.config import preset
-from model.ouroboros import Ouroboros3D
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w  # noqa: E402
+from model.camera_embedding import latent_plucker_rays  # noqa: E402
+from model.config import preset  # noqa: E402
+from model.ouroboros import Ouroboros3D  # noqa: E402
 
 
 def make_batch(resolution: int, views: int, device) -> dict:

@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' meshes
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
+sys.path.insert(1, str(REPO / "tests"))  # the tests' helpers, as pytest imports them
 
 from data_paths import ASSETS  # noqa: E402
 
-from data_pipeline import conventions as C  # noqa: E402
+from common import conventions as C  # noqa: E402
 
 
 def lgm_like_gaussians(n: int, device: str, seed: int = 0) -> torch.Tensor:

@@ -32,12 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' meshes
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
+sys.path.insert(1, str(REPO / "tests"))  # the tests' helpers, as pytest imports them
 
 from data_paths import ASSETS  # noqa: E402
 
+from common.conventions import NUM_FRAMES, NUM_ORBITS  # noqa: E402
 from data_pipeline.blender_process import BlenderProcess  # noqa: E402
-from data_pipeline.conventions import NUM_FRAMES, NUM_ORBITS  # noqa: E402
 from data_pipeline.render import RenderSettings, render_object  # noqa: E402
 
 DEFAULT_MESH = ASSETS / "Duck.glb"

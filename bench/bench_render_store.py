@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 from data_pipeline.render import RenderSettings  # noqa: E402
 from data_pipeline.render_workers import Unit, render_unit  # noqa: E402

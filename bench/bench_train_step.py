@@ -16,12 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data_pipeline import conventions as cv  # noqa: E402
+from common import conventions as cv  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.engine import build_engine, init_distributed, train_step  # noqa: E402
 
@@ -54,7 +55,7 @@ def bench(variant: str, steps: int, deepspeed) -> None:
     from model.ouroboros import Ouroboros3D
 
     name, overrides = VARIANTS[variant]
-    cfg = load_config(Path(__file__).resolve().parent.parent / "training" / "configs" / f"{name}.yaml")
+    cfg = load_config(REPO / "training" / "configs" / f"{name}.yaml")
     cfg.optim.total_batch = cfg.optim.micro_batch = 1
     torch.manual_seed(0)
     model = Ouroboros3D.from_config(preset(name, **overrides))

@@ -12,7 +12,7 @@ Rows:
    so that every part runs: seconds per step (median), peak memory, achieved TFLOP/s
    (``torch.utils.flop_counter`` FLOPs of one step, recomputation included, / step time).
 3. sampling: Algorithm 2 with feedback at every step, 25 steps (dry run: 2), seconds.
-4. metrics: PSNR + SSIM + LPIPS (``eval.metrics.image_metrics``) of 8 views, images per second.
+4. metrics: PSNR + SSIM + LPIPS (``common.image_metrics.image_metrics``) of 8 views, images per second.
 
 Every section runs even when an earlier one failed; a failure is a row saying so.
 """
@@ -27,14 +27,14 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_train_step import random_batches  # noqa: E402  (bench/ is this script's folder)
-from data_pipeline import conventions as cv  # noqa: E402
+from bench.bench_train_step import random_batches  # noqa: E402
+from common import conventions as cv  # noqa: E402
 
 # gsplat vs reference: float32 kernels differ by ~1e-6 per pixel; pixels where an alpha sits at
 # the 1/255 cutoff or the transmittance at the 1e-4 stop may flip, so the image tolerance is on
@@ -238,7 +238,7 @@ def check_sampling(table: Table, model, num_steps: int, device: torch.device) ->
 
 # ----------------------------------------------------------------------------- 4. metrics
 def check_metrics(table: Table, size: int, device: torch.device) -> None:
-    from eval.metrics import LPIPSMetric, image_metrics
+    from common.image_metrics import LPIPSMetric, image_metrics
 
     lpips_metric = LPIPSMetric("vgg", device=device)
     gen = torch.Generator().manual_seed(0)

@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common.atomic import atomic_path
 from data_pipeline import objaverse_filter
-from data_pipeline.atomic import atomic_path
 from data_pipeline.storage import StorageError, Store, is_remote
 
 

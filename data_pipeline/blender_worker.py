@@ -54,8 +54,8 @@ from blenderproc.python.utility.Initializer import _Initializer, clean_up  # noq
 from blenderproc.python.utility.Utility import Utility  # noqa: E402
 from mathutils import Matrix  # noqa: E402
 
-from data_pipeline.atomic import atomic_path, atomic_write_text  # noqa: E402
-from data_pipeline.conventions import normalization_from_bounds, opencv_to_blender_c2w  # noqa: E402
+from common.atomic import atomic_path, atomic_write_text  # noqa: E402
+from common.conventions import normalization_from_bounds, opencv_to_blender_c2w  # noqa: E402
 
 # Axis conversion each importer applies, file coordinates -> Blender world (+Z up), and the
 # importer arguments that make it so. glTF is +Y up by its specification (Blender's glTF

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
+from common.conventions import NUM_ORBITS
 from data_pipeline.contact_sheet import contact_sheet
-from data_pipeline.conventions import NUM_ORBITS
 from data_pipeline.manifest import (
     ManifestRow,
     manifest_bytes,

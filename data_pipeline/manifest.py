@@ -17,7 +17,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.atomic import atomic_path
+from common.atomic import atomic_path
 from data_pipeline.sources import ObjectRecord
 
 STATUSES = ("filtered", "pending", "done", "failed")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from data_pipeline.blender_process import BlenderProcess
 
 SUPPORTED_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")

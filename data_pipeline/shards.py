@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 import webdataset as wds
 
-from data_pipeline.conventions import (
+from common.conventions import (
     NUM_FRAMES,
     decode_ccm_png,
     encode_ccm_png,

@@ -17,7 +17,7 @@ import numpy as np
 import trimesh
 from PIL import Image
 
-from data_pipeline.atomic import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 OBJAVERSE_URL = "https://huggingface.co/datasets/allenai/objaverse/resolve/main/"

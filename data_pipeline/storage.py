@@ -9,7 +9,7 @@ Every write is whole-file and atomic, never a stream into an open remote file (f
 files commit what was written when an exception leaves their ``with`` block):
 
 - a local folder: the file is written beside its target under a temporary name, fsynced and
-  renamed onto it (:mod:`data_pipeline.atomic`);
+  renamed onto it (:mod:`common.atomic`);
 - an object store: the finished local file is uploaded whole, in one PUT, or in a multipart
   upload completed at the end (s3fs does that above 100 MB, and aborts it on an error). An
   upload cut short by a kill leaves an unfinished multipart upload, invisible to readers;
@@ -32,7 +32,7 @@ from typing import Callable, Iterator, TypeVar
 
 import fsspec
 
-from data_pipeline.atomic import atomic_path
+from common.atomic import atomic_path
 
 RETRIES = 5  # tries after the first; pauses 1, 2, 4, 8, 16 s (31 s in all)
 RETRY_PAUSE_S = 1.0

@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
+from common.images import save_png
 from eval import report
 
 VARIANT = "ouroboros"
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
         rel = obj if split == "test" else f"{split}/{obj}"
         paths = [path / "strips" / f"{rel}.png" for path in args.row]
         if all(path.is_file() for path in paths):
-            report.save_png(args.output / "strips" / f"{rel}.png", comparison_strip(paths))
+            save_png(args.output / "strips" / f"{rel}.png", comparison_strip(paths))
             pictures.append((rel, f"strips/{rel}.png"))
     order = ", ".join(f"`{path.name}` (generated views, 3DGS renders)" for path in args.row)
     lpips = f"LPIPS trunk: {meta['lpips_trunk']}"

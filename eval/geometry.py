@@ -1,7 +1,7 @@
 """Geometry metrics of the GSO benchmark: Chamfer distance and F-score between the generated 3D
 and the ground-truth mesh, in the normalised object frame (protocol: docs/evaluation.md).
 
-* Generated surface: the mesh of the final Gaussians (:func:`eval.mesh_from_gaussians.mesh_from_gaussians`,
+* Generated surface: the mesh of the final Gaussians (:func:`inference.mesh_from_gaussians.mesh_from_gaussians`,
   default settings), in the model frame the Gaussians are in.
 * Ground truth: the object's mesh file moved by the renderer's own recorded normalisation
   (``source_to_world``: the importer's axes, scale and offset into [-0.5, 0.5]^3) and then
@@ -63,7 +63,7 @@ def surface_metrics(pred, target, samples: int = SAMPLES) -> dict[str, float]:
 
 def gaussians_vs_mesh(gaussians, target) -> dict[str, float]:
     """:func:`surface_metrics` of the Gaussians' mesh against ``target``; NaN without a surface."""
-    from eval.mesh_from_gaussians import mesh_from_gaussians
+    from inference.mesh_from_gaussians import mesh_from_gaussians
 
     try:
         pred = mesh_from_gaussians(gaussians)

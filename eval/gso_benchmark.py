@@ -7,13 +7,13 @@ For each object of the selection:
    training orbit), only the 8 frames the model sees: ``training_frame_indices(0)`` =
    0, 2, ..., 14. Frame 0 is the condition image ("pick the first frame as the conditioning
    image", Sec. 4.1). The frames go through the training loader's own conversion
-   (``training.loader.to_training_views``: composited over the model's background, resized to
+   (``common.training_views.to_training_views``: composited over the model's background, resized to
    the model resolution, cameras in the model frame of frame 0).
 2. Sampling (Algorithm 2) twice with the same seed: ``ouroboros`` = the checkpoint with its
    3D-aware feedback; ``two_stage`` = the same checkpoint with the feedback switched off
    (multi-view generation, then one reconstruction of the final views: the two-stage baseline
    and the no-feedback row of Table 2).
-3. Metrics (PSNR, SSIM, LPIPS, ``eval/metrics.py``) on all 8 views: (a) generated views vs
+3. Metrics (PSNR, SSIM, LPIPS, ``common/image_metrics.py``) on all 8 views: (a) generated views vs
    ground truth, (b) renders of the reconstructed Gaussians at the same cameras vs ground truth;
    and geometry (Chamfer, F-score, ``eval/geometry.py``): the mesh of the final Gaussians vs
    the ground-truth mesh in the normalised object frame.
@@ -42,11 +42,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data_pipeline.atomic import atomic_write_text
-from data_pipeline.conventions import condition_frame_transform, training_frame_indices
+from common.atomic import atomic_write_text
+from common.conventions import condition_frame_transform, training_frame_indices
+from common.image_metrics import LPIPSMetric, image_metrics
+from common.images import save_png
 from eval import geometry, gso, report
-from eval.image_to_3d import resolve_device
-from eval.metrics import LPIPSMetric, image_metrics
+from inference.image_to_3d import resolve_device
 
 VARIANT_FEEDBACK_OFF = "two_stage"
 VARIANT_FEEDBACK_ON = "ouroboros"
@@ -132,7 +133,7 @@ def ground_truth_views(orbit, resolution: int, background: float) -> dict:
     Returns:
         dict(images [8,3,R,R] in [-1,1], alphas, ccm, c2w [8,4,4] model frame, K [8,3,3]).
     """
-    from training.loader import to_training_views
+    from common.training_views import to_training_views
 
     views = dict(rgba=orbit.rgba, ccm=orbit.ccm, c2w=orbit.c2w.astype(np.float64),
                  K=orbit.K.astype(np.float64), meta=orbit.meta)  # fmt: skip
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
             failed[name] = f"render failed ({err.reason}): {err}"
             tqdm.write(f"{name}: {failed[name]}", file=sys.stderr)
             continue
-        report.save_png(out_dir / strip_rel, strip)
+        save_png(out_dir / strip_rel, strip)
         atomic_write_text(done, json.dumps(obj_rows, indent=2))
         rows += obj_rows
         strips[name] = strip_rel

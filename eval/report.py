@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_write_bytes, atomic_write_text
+from common.atomic import atomic_write_bytes, atomic_write_text
+from common.images import to_uint8
 from eval import geometry
 
 METRICS = ("psnr", "ssim", "lpips")
@@ -217,12 +218,6 @@ def write_tables(out_dir: str | Path, rows: list[dict], meta: dict) -> dict:
     return result
 
 
-def to_uint8(images) -> np.ndarray:
-    """[..., 3, H, W] float in [0, 1] (tensor or array) -> [..., H, W, 3] uint8."""
-    arr = np.asarray(images.detach().cpu() if hasattr(images, "detach") else images, np.float32)
-    return (np.clip(np.moveaxis(arr, -3, -1), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def image_strip(rows: list) -> np.ndarray:
     """Stack rows of views into one picture: each row [V, 3, H, W] in [0, 1] side by side.
 
@@ -236,17 +231,6 @@ def image_strip(rows: list) -> np.ndarray:
         lines.append(np.concatenate([x for img in v for x in (img, sep)][:-1], axis=1))
     hsep = np.full((1, lines[0].shape[1], 3), 255, np.uint8)
     return np.concatenate([x for line in lines for x in (line, hsep)][:-1], axis=0)
-
-
-def save_png(path: str | Path, image: np.ndarray) -> None:
-    """Save an [H, W, 3|4] uint8 image as PNG, atomically."""
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_report(out_dir: str | Path, rows: list[dict], tables: dict, strips: dict[str, str]) -> Path:

@@ -1,7 +1,7 @@
 """Camera maths for the model: Plücker ray maps, intrinsics scaling, and the similarity between
 the model frame and LGM's frame.
 
-Conventions (``data_pipeline/conventions.py``): ``c2w`` is camera-to-world with OpenCV axes,
+Conventions (``common/conventions.py``): ``c2w`` is camera-to-world with OpenCV axes,
 ``K`` in pixels, pixel ``(row v, column u)`` has its centre at ``(u + 0.5, v + 0.5)``, x is the
 column. The MODEL frame is the normalised world rotated about +Z so that the condition camera
 sits on +X (radius 2.0, +Z up).

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from model import edm
 
 FEEDBACK_MODES = ("none", "ccm", "ccm_rgb")

@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import torch
 
-from data_pipeline.atomic import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 from model.gaussians import OPACITY, RGB, ROTATION, SCALE, SH_C0, XYZ, check_gaussians
 
 SH_REST = 45  # 3 x 15 coefficients of SH bands 1..3 (INRIA's default degree 3)

@@ -1,7 +1,7 @@
 """Ouroboros3D: SVD multi-view diffusion and LGM in one recursive diffusion process (Sec. 3).
 
 Training is Algorithm 1 (:meth:`Ouroboros3D.training_losses`), sampling Algorithm 2
-(:meth:`Ouroboros3D.sample`). Every camera is in the MODEL FRAME (data_pipeline.conventions:
+(:meth:`Ouroboros3D.sample`). Every camera is in the MODEL FRAME (common.conventions:
 the world rotated about +Z so that view 0, the condition view, sits at azimuth 0); LGM works
 in its own frame, and its Gaussians are moved back with ``model.cameras.lgm_to_model_gaussians``
 before they are rendered with the model-frame cameras.
@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from tqdm.auto import tqdm
 
-from data_pipeline.atomic import atomic_dir
+from common.atomic import atomic_dir
 from model import edm
 from model.camera_embedding import CameraEmbedding, latent_plucker_rays
 from model.cameras import lgm_to_model_gaussians

@@ -20,7 +20,7 @@ import torch
 from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from model.config import OuroborosConfig
 
 SUBFOLDERS = ("unet", "vae", "image_encoder", "feature_extractor")

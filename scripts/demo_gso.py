@@ -16,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from data_pipeline.sources import demo_objects, export_gso_layout
 
 HELDOUT_SEED = 1000  # the demo trains on seed 0

@@ -26,7 +26,8 @@ DEMO_SHARDS_ARGS = ["--source", "demo", "--count", "4", "--seed", "0", "--resolu
 
 def _pipeline_hash(args: list[str]) -> str:
     digest = hashlib.sha256(" ".join(args).encode())
-    for path in sorted((REPO / "data_pipeline").glob("*.py")):
+    for path in [*sorted((REPO / "data_pipeline").glob("*.py")), REPO / "common" / "atomic.py",
+                 REPO / "common" / "conventions.py"]:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 

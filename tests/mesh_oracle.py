@@ -2,7 +2,7 @@
 
 The mesh is read by trimesh (not Blender), moved into the normalised world with the
 recorded scale and offset and the importer's axis convention, and intersected with the rays
-of :func:`data_pipeline.conventions.camera_rays` (Moller-Trumbore). trimesh's own ray module
+of :func:`common.conventions.camera_rays` (Moller-Trumbore). trimesh's own ray module
 needs rtree or embree, absent here, so triangles are culled by their projected bounding
 box and the exact ray-triangle test runs on the remaining (pixel, triangle) pairs.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import trimesh
 from scipy import ndimage
 
-from data_pipeline import conventions as C
+from common import conventions as C
 
 # Importers' axis conventions (file coordinates -> +Z-up world): glTF is +Y up by its
 # specification, OBJ +Y up unless the render was asked to keep +Z, PLY is taken as is.

@@ -13,7 +13,7 @@ import numpy as np
 import trimesh
 from trimesh.ray.ray_triangle import ray_triangle_id
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from data_paths import ASSETS
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
+from common.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
 from model.conditioning import classifier_free_guidance, conditioning_dropout, frame_guidance_scales
 from model.config import preset
 from model.ouroboros import Ouroboros3D, use_self_conditioning
@@ -81,7 +81,7 @@ def test_reconstruction_steps():
 
 
 # ----------------------------------------------------------------------------- Algorithm 1
-# Not slow: 1.8-4.6 CPU s (bench/cpu_durations.py); the 30-80 s once noted here were wall time
+# Not slow: 1.8-4.6 CPU s (tools/cpu_durations.py); the 30-80 s once noted here were wall time
 # on the shared machine under load.
 def test_algorithm1_gradients_reach_every_trainable_parameter(tiny_model):
     model = tiny_model.train()
@@ -144,7 +144,7 @@ def test_wider_latent_agrees_through_autoencoder_and_unet():
 
 
 # ----------------------------------------------------------------------------- Algorithm 2
-# Not slow: 1.2-1.7 CPU s (bench/cpu_durations.py).
+# Not slow: 1.2-1.7 CPU s (tools/cpu_durations.py).
 def test_algorithm2_reconstructs_every_step_and_feeds_back(tiny_model, monkeypatch):
     model = tiny_model.eval()
     calls, feedbacks = [], []

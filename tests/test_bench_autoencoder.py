@@ -12,10 +12,11 @@ from diffusers import AutoencoderKLTemporalDecoder
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
-from data_pipeline.conventions import training_frame_indices
+from common.conventions import training_frame_indices
+from common.training_views import to_training_views
 from data_pipeline.shards import iter_shard
 from training.autoencoder import roundtrip
-from training.loader import decode_views, expand_shards, to_training_views
+from training.loader import decode_views, expand_shards
 from data_paths import REPO
 
 SCRIPT = REPO / "bench" / "bench_autoencoder.py"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from model import cameras
 from model.rasterizer import render_gaussians
 from raycast_oracle import first_hits, normalised_mesh

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from data_pipeline import conventions as cv
+from common import conventions as cv
 
 
 def project(points, c2w, K):

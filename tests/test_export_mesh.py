@@ -1,4 +1,4 @@
-"""Mesh export from Gaussians (eval/export_mesh.py, eval/mesh_from_gaussians.py) against real
+"""Mesh export from Gaussians (inference/export_mesh.py, inference/mesh_from_gaussians.py) against real
 meshes: Gaussians sampled on each asset's surface and written by plyfile in the INRIA layout
 (tests/surface_gaussians.py), exported at the default settings, compared with the source."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from eval.export_mesh import export_mesh
+from inference.export_mesh import export_mesh
 from tests.surface_gaussians import chamfer_and_fscore, colour_at, normalised_mesh, write_surface_gaussians
 from data_paths import REPO
 
@@ -44,7 +44,7 @@ def test_cli_writes_each_format_in_its_frame(tmp_path):
     lo, hi = source.bounds
     for suffix in (".glb", ".obj", ".ply"):
         out = tmp_path / f"mesh{suffix}"
-        proc = subprocess.run([sys.executable, "-m", "eval.export_mesh", "--gaussians", str(tmp_path / "g.ply"),
+        proc = subprocess.run([sys.executable, "-m", "inference.export_mesh", "--gaussians", str(tmp_path / "g.ply"),
                                "--output", str(out), "--resolution", "64"], cwd=REPO, capture_output=True,
                               text=True, timeout=300)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
@@ -63,6 +63,6 @@ def test_bad_inputs_exit_2_naming_the_file(tmp_path):
     (tmp_path / "bad.ply").write_bytes(b"not a ply")
     for gaussians, output, message in [(tmp_path / "bad.ply", tmp_path / "m.glb", "bad.ply"),
                                        (tmp_path / "bad.ply", tmp_path / "m.stl", "m.stl: unknown mesh format")]:  # fmt: skip
-        proc = subprocess.run([sys.executable, "-m", "eval.export_mesh", "--gaussians", str(gaussians),
+        proc = subprocess.run([sys.executable, "-m", "inference.export_mesh", "--gaussians", str(gaussians),
                                "--output", str(output)], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -14,7 +14,7 @@ import pytest
 from packaging.version import Version
 from data_paths import REPO
 
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tools"))
 
 import gpu_wheels  # noqa: E402
 

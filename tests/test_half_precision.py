@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
+from common.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
 from model.config import preset
 from model.lgm import prepare_inputs
 from model.ouroboros import Ouroboros3D

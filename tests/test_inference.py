@@ -1,4 +1,4 @@
-"""eval.image_to_3d: input preparation (RGBA, RGB on a plain background, refusals) and the CLI
+"""inference.image_to_3d: input preparation (RGBA, RGB on a plain background, refusals) and the CLI
 end to end on the tiny checkpoint."""
 
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval import image_to_3d as i23
+from inference import image_to_3d as i23
 from data_paths import REPO
 
 
@@ -67,7 +67,7 @@ def test_recentre_centres_and_scales_like_training_renders():
 
 
 def test_view_cameras_follow_conventions():
-    from data_pipeline.conventions import DEFAULT_RADIUS, look_at_c2w, spherical_to_position
+    from common.conventions import DEFAULT_RADIUS, look_at_c2w, spherical_to_position
 
     c2w, K = i23.view_cameras(8, elevation=10.0, resolution=64)
     assert c2w.shape == (1, 8, 4, 4) and K.shape == (1, 8, 3, 3)
@@ -82,7 +82,7 @@ def test_cli_refuses_photo_with_a_clear_message(tmp_path):
     rng = np.random.default_rng(2)
     path = _save(tmp_path / "photo.png", rng.uniform(0, 1, (48, 48, 3)), "RGB")
     res = subprocess.run(
-        [sys.executable, "-m", "eval.image_to_3d", "--image", str(path), "--checkpoint",
+        [sys.executable, "-m", "inference.image_to_3d", "--image", str(path), "--checkpoint",
          str(tmp_path), "--output", str(tmp_path / "out")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -103,7 +103,7 @@ def _read_mp4(path):
 
 def _run_cli(image, checkpoint, out):
     return subprocess.run(
-        [sys.executable, "-m", "eval.image_to_3d", "--image", str(image), "--checkpoint",
+        [sys.executable, "-m", "inference.image_to_3d", "--image", str(image), "--checkpoint",
          str(checkpoint), "--output", str(out), "--steps", "1", "--orbit-frames", "4"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -160,7 +160,7 @@ def test_orbit_video_of_gaussians_round_trips(tmp_path):
 def test_cli_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     path = _save(tmp_path / "disc.png", _disc_rgba(), "RGBA")
     res = subprocess.run(
-        [sys.executable, "-m", "eval.image_to_3d", "--image", str(path), "--checkpoint",
+        [sys.executable, "-m", "inference.image_to_3d", "--image", str(path), "--checkpoint",
          str(tmp_path / "nothing"), "--output", str(tmp_path / "out")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -21,11 +21,12 @@ import pytest
 import torch
 import yaml
 
+from common.conventions import training_frame_indices
+from common.training_views import to_training_views
 from data_pipeline.shards import iter_shard, list_shards
 from model.config import preset
 from model.ouroboros import Ouroboros3D
-from training.loader import decode_views, to_training_views
-from data_pipeline.conventions import training_frame_indices
+from training.loader import decode_views
 from data_paths import REPO
 
 SIGMAS = (0.5, 1.0, 2.0)
@@ -213,7 +214,8 @@ def test_autoencoder_chroma_term_is_the_colour_part_of_the_squared_error():
     0.299^2 over 3 for a unit red one; and the trainer's loss grows by exactly that term."""
     from diffusers import AutoencoderKLTemporalDecoder
 
-    from training.autoencoder import autoencoder_loss, chroma
+    from common.image_metrics import chroma
+    from training.autoencoder import autoencoder_loss
 
     grey = torch.full((2, 3, 4, 4), 0.7)
     red = torch.zeros(2, 3, 4, 4)

@@ -11,7 +11,7 @@ from data_paths import FIXTURES
 
 from raycast_oracle import one_torch_thread
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from model import cameras
 from model.lgm import LGM, LGMConfig, prepare_inputs, reconstruction_loss
 from model.lgm import loss as lgm_loss

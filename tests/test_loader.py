@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from scipy.spatial.transform import Rotation
 
-from data_pipeline import conventions as cv
+from common import conventions as cv
 from training.loader import LoaderConfig, StreamingLoader, expand_shards
 
 SIZE = 32  # shard resolution

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.perceptual import builder, fetch, trunk_cache
-from model.perceptual.numpy_pickle import load_numpy_pickle
+from common.perceptual import builder, fetch, trunk_cache
+from common.perceptual.numpy_pickle import load_numpy_pickle
 
 JAX_FILES = {"vgg": ("vgg16.ckpt", "VGG16_0"), "alex": ("alexnet.ckpt", "AlexNet_0")}
 
@@ -26,7 +26,7 @@ def jax_params():
     sdist = fetch.sdist_path()
     if not sdist.is_file() or not all(map(trunk_cache.is_cached, trunk_cache.NETS)):
         pytest.fail(f"LPIPS trunk cache incomplete in {trunk_cache.cache_dir()}: run `make setup` "
-                    "(python -m model.perceptual.fetch)")  # fmt: skip
+                    "(python -m common.perceptual.fetch)")  # fmt: skip
     out = {}
     with tarfile.open(sdist) as tar:
         for net, (name, _) in JAX_FILES.items():

@@ -149,7 +149,7 @@ def test_unfinished_local_writes_are_removed_and_nothing_else(tmp_path):
 def test_stale_temporaries_of_a_killed_write_are_removed_and_nothing_else(tmp_path):
     """What ``atomic_path`` leaves when its process is killed mid-write is found by its naming
     (``.<name>.<random>.tmp``) and removed; the file itself and others' temporaries stay."""
-    from data_pipeline.atomic import atomic_path, remove_stale_temporaries
+    from common.atomic import atomic_path, remove_stale_temporaries
 
     manifest = tmp_path / "manifest.parquet"
     manifest.write_bytes(b"kept")

@@ -1,11 +1,14 @@
-"""eval.metrics against scikit-image (PSNR, SSIM) and the lpips package's own behaviour."""
+"""common/image_metrics.py against scikit-image (PSNR, SSIM), the lpips package's own behaviour and
+known luma / chroma splits."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from eval import metrics
+from common import image_metrics as metrics
 
 
 def _image_pair(seed, h=40, w=52):
@@ -93,3 +96,25 @@ def test_image_metrics_bundle():
     out = metrics.image_metrics(a, b, lp)
     assert set(out) == {"psnr", "ssim", "lpips"}
     assert all(v.shape == (2,) and torch.isfinite(v).all() for v in out.values())
+
+
+def test_luma_chroma_split_separates_lost_colour_from_lost_brightness():
+    red = torch.zeros(1, 3, 4, 4)
+    red[:, 0] = 1.0
+    grey = torch.full_like(red, 0.299)  # red's BT.601 luma, no colour
+    luma_db, chroma_db = metrics.luma_chroma_psnr(grey * 2 - 1, red * 2 - 1, signed=True, pooled=True)
+    # chroma of red: (1 - 0.299, -0.299, -0.299); of grey: 0 -> mean squared error 0.22339
+    assert luma_db == float("inf") and abs(chroma_db - 10 * math.log10(3 / (0.701**2 + 2 * 0.299**2))) < 1e-4
+    dim = red * 0.5  # the same hue at half brightness: both parts lose
+    luma_db, chroma_db = metrics.luma_chroma_psnr(dim * 2 - 1, red * 2 - 1, signed=True, pooled=True)
+    assert abs(luma_db - 10 * math.log10(1 / 0.1495**2)) < 1e-3 and chroma_db < 20
+
+
+def test_signed_pooled_psnr_is_one_value_over_all_images_measured_on_0_1():
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 4, 3, 8, 8, generator=g) * 2 - 1
+    pred = target + 0.2 * torch.randn(target.shape, generator=g)  # overshoots [-1, 1]: clamped
+    mse = (((pred + 1) / 2).clamp(0, 1) - (target + 1) / 2).square().mean()
+    ours = metrics.psnr(pred, target, signed=True, pooled=True)
+    assert ours.shape == () and float(ours) == pytest.approx(10 * math.log10(1 / float(mse)), abs=1e-4)
+    assert float(metrics.psnr_from_mse(0.0)) == float("inf")

@@ -88,7 +88,7 @@ def test_adapter_scales_match_table3_layout():
 
 
 def test_latent_plucker_rays_use_scaled_intrinsics():
-    from data_pipeline.conventions import intrinsics, orbit_c2w
+    from common.conventions import intrinsics, orbit_c2w
 
     c2w = torch.tensor(orbit_c2w(10.0, [0.0, 45.0]), dtype=torch.float32)[None]
     K = torch.tensor(intrinsics(39.6, 64), dtype=torch.float32).expand(1, 2, 3, 3)

@@ -13,7 +13,7 @@ import pytest
 import webdataset.tariterators as wds_tar
 from test_shards import fake_render
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from data_pipeline import objaverse_filter as F
 from data_pipeline.__main__ import parse_args
 from data_pipeline.manifest import merge_records, read_manifest, write_manifest

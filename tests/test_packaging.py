@@ -24,7 +24,7 @@ import pytest
 from data_paths import REPO
 from PIL import Image
 
-PACKAGES = ("data_pipeline", "model", "training", "eval", "infra")
+PACKAGES = ("common", "data_pipeline", "model", "training", "inference", "eval", "infra")
 # Paths that exist only on some machine: the development machines' tree, home folders (the Ray
 # image's home is the same in every container, so it is allowed) and the folder beside the
 # development checkout. Each is written with a character class so that this line is no match.
@@ -114,9 +114,9 @@ def run_installed(installed, *args, timeout=600) -> subprocess.CompletedProcess:
 
 
 def test_installed_packages_are_the_wheels(installed):
-    code = "import data_pipeline, eval, infra, model, training; print(*(m.__file__ for m in (data_pipeline, eval, infra, model, training)))"
+    code = f"import importlib; print(*(importlib.import_module(p).__file__ for p in {PACKAGES!r}))"
     files = run_installed(installed, "-c", code).stdout.split()
-    assert len(files) == 5
+    assert len(files) == len(PACKAGES)
     for name in files:
         assert Path(name).is_relative_to(installed["target"]), name
         assert not Path(name).is_relative_to(REPO), name
@@ -147,7 +147,7 @@ def test_installed_model_summary(installed):
 @pytest.mark.slow
 @pytest.mark.blender
 def test_installed_render_then_image_to_3d(installed, tiny_checkpoint):
-    """``python -m data_pipeline render`` of one demo object and ``python -m eval.image_to_3d`` of
+    """``python -m data_pipeline render`` of one demo object and ``python -m inference.image_to_3d`` of
     its first frame, both from the installed wheel, outside the clone."""
     out = installed["cwd"] / "shards"
     run_installed(installed, "-m", "data_pipeline", "render", "--source", "demo", "--count", "1",
@@ -161,7 +161,7 @@ def test_installed_render_then_image_to_3d(installed, tiny_checkpoint):
     image = installed["cwd"] / "input.png"
     frame.save(image)
     result = installed["cwd"] / "image_to_3d"
-    run_installed(installed, "-m", "eval.image_to_3d", "--image", str(image), "--checkpoint", tiny_checkpoint,
+    run_installed(installed, "-m", "inference.image_to_3d", "--image", str(image), "--checkpoint", tiny_checkpoint,
                   "--output", str(result), "--steps", "1", "--orbit-frames", "4", "--no-mesh")
     for name in ("views.png", "gaussians.ply"):
         assert (result / name).stat().st_size > 0, name

@@ -10,7 +10,7 @@ import trimesh
 from scipy import ndimage
 from raycast_oracle import first_hits, normalised_mesh, one_torch_thread
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from model.rasterizer import render_gaussians
 from model.rasterizer.torch_reference import LOW_PASS, render_view, render_views
 

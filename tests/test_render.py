@@ -15,7 +15,7 @@ import pytest
 import trimesh
 from data_paths import ASSETS
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from data_pipeline.render import (RenderError, RenderSettings, ccm_from_depth, orbit_cameras,
                                   render_object)
 from mesh_oracle import compare_frame, expected_axes, interior_colours, load_world_mesh

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from data_pipeline.manifest import read_manifest
 from data_pipeline.shards import decode_sample, iter_shard, list_shards
 

@@ -19,7 +19,7 @@ from conftest import REPO, run_pipeline
 from data_paths import ASSETS
 from PIL import Image
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from data_pipeline.manifest import read_manifest
 from data_pipeline.shards import decode_sample, iter_shard, list_shards
 

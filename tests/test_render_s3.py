@@ -26,7 +26,7 @@ from conftest import run_pipeline
 from data_paths import REPO
 from PIL import Image
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from data_pipeline.manifest import parse_manifest
 from data_pipeline.shards import ShardInfo, decode_sample
 

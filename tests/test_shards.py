@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline import conventions as C
+from common import conventions as C
 from data_pipeline.render import OrbitRender
 from data_pipeline.shards import (
     CorruptSampleError,

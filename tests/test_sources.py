@@ -9,7 +9,7 @@ import trimesh
 from trimesh.resolvers import FilePathResolver
 from data_paths import ASSETS
 
-from data_pipeline.conventions import sample_key
+from common.conventions import sample_key
 from data_pipeline.sources import (
     GLTF_TO_ZUP,
     ObjectRecord,

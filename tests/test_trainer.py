@@ -240,7 +240,7 @@ def test_two_ranks_through_the_deepspeed_launcher_with_a_corrupt_sample(demo_sha
 def test_training_refuses_a_random_lpips_trunk_unless_the_config_allows_it(tmp_path, monkeypatch):
     from model.config import preset
     from model.lgm import loss as lgm_loss
-    from model.perceptual import trunk_cache
+    from common.perceptual import trunk_cache
     from training.config import TrainConfig
     from training.main import lpips_trunk
 

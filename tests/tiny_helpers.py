@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
+from common.conventions import DEFAULT_FOV_DEG, intrinsics, orbit_c2w
 from model.config import preset
 
 RES, V = 32, 4

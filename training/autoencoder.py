@@ -23,7 +23,6 @@ model config's ``svd_path`` to it (``--set model.overrides.svd_path=<ae>/export`
 from __future__ import annotations
 
 import json
-import math
 import logging
 from pathlib import Path
 
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLTemporalDecoder
 from PIL import Image
 
-from data_pipeline.atomic import atomic_dir, atomic_path, atomic_write_text
+from common.atomic import atomic_dir, atomic_path, atomic_write_text
+from common.image_metrics import chroma, psnr
 from training.autoencoder_recipe import augment_views, init_linear_path
 
 log = logging.getLogger("training.autoencoder")
@@ -83,21 +83,6 @@ def autoencoder_loss(vae, images: torch.Tensor, generator: torch.Generator | Non
                 lpips=lp.detach(), recon=recon.detach().unflatten(0, (B, V)))  # fmt: skip
 
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights of R, G, B
-
-
-def luma(images: torch.Tensor) -> torch.Tensor:
-    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` of images [..., 3, H, W] -> [..., 1, H, W]."""
-    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
-    return torch.einsum("c,...chw->...hw", weights, images).unsqueeze(-3)
-
-
-def chroma(images: torch.Tensor) -> torch.Tensor:
-    """The colour part of images [..., 3, H, W]: each channel minus the luma (``luma``); zero for
-    greys. Linear, so ``chroma(x - y) = chroma(x) - chroma(y)``."""
-    return images - luma(images)
-
-
 def kl_term(kl_per_image: torch.Tensor, values_per_image: int, kl_weight: float) -> torch.Tensor:
     """The KL term of ``autoencoder_loss``, whose reconstruction loss is a per-value mean.
 
@@ -105,12 +90,6 @@ def kl_term(kl_per_image: torch.Tensor, values_per_image: int, kl_weight: float)
     values of an image (``3 H W``) it becomes ``mean_values(rec) + kl_weight KL / (3 H W)``.
     """
     return kl_weight * kl_per_image / values_per_image
-
-
-def psnr_signed(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """PSNR in dB of images in [-1, 1] measured on [0, 1] (peak 1), over the whole tensor."""
-    mse = F.mse_loss(((pred + 1) / 2).clamp(0, 1), (target + 1) / 2).item()
-    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
 
 
 @torch.no_grad()
@@ -188,7 +167,7 @@ class AutoencoderObjective(nn.Module):
                                  r.chroma_weight)
         return dict(loss=terms["loss"], loss_l1=terms["l1"], loss_mse=terms["mse"], loss_chroma=terms["chroma_mse"],
                     loss_kl=terms["kl"], loss_lpips=terms["lpips"],
-                    psnr=torch.tensor(psnr_signed(terms["recon"], images)),
+                    psnr=psnr(terms["recon"], images, signed=True, pooled=True),
                     visuals={"roundtrip": torch.cat([images[:1], terms["recon"][:1]], 1)})  # fmt: skip
 
 
@@ -205,7 +184,7 @@ def export_autoencoder(vae: AutoencoderKLTemporalDecoder, cfg, out: Path, scale_
     vae.register_to_config(scaling_factor=1.0 / std)
     images = scale_batches[0]
     recon = roundtrip(vae, images)
-    train_psnr = psnr_signed(recon, images)
+    train_psnr = float(psnr(recon, images, signed=True, pooled=True))
     save_roundtrip_picture(out.parent / "roundtrip.png", images[:1], recon[:1])
     save_svd_folder(vae, cfg, out, seed)
     vae.train(was_training)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.atomic import atomic_path
+from common.atomic import atomic_path
 
 TAG_RE = re.compile(r"^step_(\d{7})$")
 
@@ -123,5 +123,5 @@ def resume(engine, ckpt_dir: str | Path, tag: str) -> dict:
 
 def export(model, out_dir: str | Path) -> Path:
     """Inference weights (``model.save_pretrained``) swapped into ``out_dir`` atomically (rank 0)."""
-    model.save_pretrained(out_dir)  # built beside and swapped in (data_pipeline.atomic.atomic_dir)
+    model.save_pretrained(out_dir)  # built beside and swapped in (common.atomic.atomic_dir)
     return out_dir

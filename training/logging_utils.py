@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 
 
 def visual_grid(images: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # `python training/main.py` / the deepspeed launc
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
+from common.atomic import atomic_write_text  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.autoencoder import export_autoencoder  # noqa: E402
 from training.autoencoder_recipe import init_linear_path  # noqa: E402
@@ -147,7 +147,7 @@ def lpips_trunk(cfg: TrainConfig, mcfg) -> dict | None:
     """The LPIPS trunk the run's loss uses (None when it has no LPIPS term); refuses a random
     trunk unless the model config's ``allow_random_lpips``."""
     from model.lgm.loss import lpips_network
-    from model.perceptual.builder import RandomLPIPSRefused
+    from common.perceptual.builder import RandomLPIPSRefused
 
     if cfg.objective == "autoencoder":
         needed = cfg.autoencoder.lpips_weight > 0

@@ -2,7 +2,7 @@
 ``L_rec = MSE(rgb) + MSE(alpha) + lambda * LPIPS(rgb)``, LPIPS with a VGG backbone on images
 scaled to [-1, 1] and resized to at most 256 px.
 
-The LPIPS network comes from the project's one builder (:func:`model.perceptual.builder.build_lpips`,
+The LPIPS network comes from the project's one builder (:func:`common.perceptual.builder.build_lpips`,
 ImageNet VGG16 trunk from the install step's cache), built once per device, frozen, in eval
 mode. A random trunk is refused unless the model config allows it (``allow_random_lpips``).
 """
@@ -14,7 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from model.perceptual.builder import build_lpips
+from common.perceptual.builder import build_lpips
 
 LPIPS_MAX_SIZE = 256
 

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data_pipeline.atomic import atomic_dir
+from common.atomic import atomic_dir
 from model.gaussians import NUM_CHANNELS
 from model.lgm.config import LGMConfig
 from model.lgm.time_embedding import is_time_embedding_key

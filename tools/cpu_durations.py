@@ -5,7 +5,7 @@ CPU time of the test process (user + system, children included once they have be
 is what a test would take alone on one core with ``OMP_NUM_THREADS=1``; it is what decides
 whether a test is ``slow`` (pyproject: more than ~30 s on 2 cores).
 
-    OMP_NUM_THREADS=1 python -m pytest -p bench.cpu_durations tests/test_x.py
+    OMP_NUM_THREADS=1 python -m pytest -p tools.cpu_durations tests/test_x.py
 
 prints, after the run, every test phase (setup / call / teardown) over 0.5 CPU seconds, with
 its wall time beside it, and flags tests marked ``slow`` under 10 CPU seconds and unmarked
@@ -44,7 +44,7 @@ pytest_runtest_teardown = _wrap("teardown")
 
 def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
-    tr.section("CPU seconds per test phase (bench/cpu_durations.py)")
+    tr.section("CPU seconds per test phase (tools/cpu_durations.py)")
     for cpu, wall, phase, nodeid, _ in sorted(_rows, reverse=True):
         if cpu >= 0.5:
             tr.write_line(f"{cpu:8.1f} cpu s {wall:8.1f} wall s  {phase:8s} {nodeid}")

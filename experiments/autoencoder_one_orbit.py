@@ -1,9 +1,9 @@
 """Does a recipe pass colour through the latent at all? Minutes on one orbit, re-coloured each step.
 
-    python bench/autoencoder_one_orbit.py --frames frames.pt --steps 400 --latent-channels 16 \
+    python experiments/autoencoder_one_orbit.py --frames frames.pt --steps 400 --latent-channels 16 \
         --augment view --init linear-path --chroma-weight 10 [any flag of autoencoder_recipes.py]
 
-Trains a recipe of ``bench/autoencoder_recipes.py`` (same flags, same ``build``) on the first
+Trains a recipe of ``experiments/autoencoder_recipes.py`` (same flags, same ``build``) on the first
 8-frame group of one training orbit of a frame cache (``--orbit``), with colour augmentation
 (``--augment``; ``none`` lets it memorise the colours instead), constant lr. Every ``--every``
 steps it prints one JSON line: round-trip PSNR with its luma and chroma parts on that group as
@@ -21,30 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import torch  # noqa: E402
 
-from bench.autoencoder_recipes import (  # noqa: E402
-    add_recipe_arguments, build, grey_chroma_reference, luma_chroma_psnr)
-from data_pipeline.conventions import training_frame_indices  # noqa: E402
-from training.autoencoder import psnr_signed  # noqa: E402
+from common.conventions import training_frame_indices  # noqa: E402
+from experiments.autoencoder_recipes import add_recipe_arguments, build, grey_chroma_reference, roundtrip_db  # noqa: E402
 from training.autoencoder_recipe import augment, augment_views  # noqa: E402
-
-
-def scores(model, trip, x: torch.Tensor) -> dict[str, float]:
-    """PSNR, luma and chroma dB of the round trip of x [1, V, 3, H, W]."""
-    model.eval()
-    with torch.no_grad():
-        r = trip(x)
-    model.train()
-    luma_db, chroma_db = luma_chroma_psnr(r, x)
-    return dict(db=round(psnr_signed(r, x), 2), luma_db=round(luma_db, 2), chroma_db=round(chroma_db, 2))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", type=Path, required=True, help="frame cache of bench/autoencoder_recipes.py")
+    p.add_argument("--frames", type=Path, required=True, help="frame cache of experiments/autoencoder_recipes.py")
     p.add_argument("--orbit", type=int, default=0, help="which training orbit of the cache")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--every", type=int, default=100)
@@ -54,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cache = torch.load(args.frames, weights_only=True)
     if not isinstance(cache, dict) or "train" not in cache:
-        raise SystemExit(f"{args.frames}: not a frame cache written by bench/autoencoder_recipes.py")
+        raise SystemExit(f"{args.frames}: not a frame cache written by experiments/autoencoder_recipes.py")
     x = cache["train"][args.orbit : args.orbit + 1, training_frame_indices(0)].float() / 127.5 - 1
     recoloured = augment(x, torch.Generator().manual_seed(123))
     torch.manual_seed(0)
@@ -73,8 +62,8 @@ def main() -> None:
         optimizer.step()
         if step % args.every == 0 or step == args.steps:
             record = dict(step=step, s_per_step=round((time.time() - start) / step, 3))
-            record.update(scores(model, trip, x))
-            record.update({f"recoloured_{k}": v for k, v in scores(model, trip, recoloured).items()})
+            record.update(roundtrip_db(model, trip, [x[0]]))
+            record.update({f"recoloured_{k}": v for k, v in roundtrip_db(model, trip, [recoloured[0]]).items()})
             print(json.dumps(record), flush=True)
 
 

@@ -1,10 +1,10 @@
 """Export a triangle mesh with vertex colours from a 3DGS ``.ply``.
 
-    python -m eval.export_mesh --gaussians out/chair/gaussians.ply --output out/chair/mesh.glb \\
+    python -m inference.export_mesh --gaussians out/chair/gaussians.ply --output out/chair/mesh.glb \\
         [--resolution 128] [--level 1.0] [--target-faces 100000] [--smooth 5] [--min-component 0.1]
 
 Reads any layout :func:`model.gaussians_ply.load_ply` reads (ours, INRIA's, LGM's); the method
-is :mod:`eval.mesh_from_gaussians`. The output format follows the suffix, each in its
+is :mod:`inference.mesh_from_gaussians`. The output format follows the suffix, each in its
 customary frame (the Gaussians are in the project's world frame, +Z up):
 
 * ``.glb``: +Y up, as glTF 2.0 specifies (world ``(x, y, z)`` -> glTF ``(x, z, -y)``);
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_write_bytes
-from eval.mesh_from_gaussians import MeshSettings, mesh_from_gaussians
+from common.atomic import atomic_write_bytes
+from inference.mesh_from_gaussians import MeshSettings, mesh_from_gaussians
 
 # world (+Z up) -> glTF/OBJ (+Y up): a -90 degree turn about +X
 Z_UP_TO_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Build .whl/, the wheel bundle that bench/gpu_check.sh installs on a GPU machine with no network.
 #
-#   bash bench/gpu_bundle.sh            # here, with registry access; PYTHON=... the project's venv
+#   bash tools/gpu_bundle.sh            # here, with registry access; PYTHON=... the project's venv
 #
 # The GPU machine to plan for (docs: BENCHMARKS.md, "GPU check") has Python 3.12, PyTorch,
 # torchvision, transformers, accelerate, safetensors, scikit-image, opencv, pyarrow and
 # tensorboard, but no diffusers, deepspeed, gsplat, webdataset or lpips. The bundle holds those
-# five and their dependency closure (bench/gpu_wheels.py pins: this environment's versions,
+# five and their dependency closure (tools/gpu_wheels.py pins: this environment's versions,
 # without torch, torchvision, triton, numpy, scipy, pillow and nvidia-*), as cp312 manylinux
 # x86_64 or pure-Python wheels; a package published only as a source distribution is built
 # here into a pure-Python wheel. The bundle must stay under 64 MiB (what one device call carries).
@@ -17,7 +17,7 @@ OUT=${GPU_CHECK_BUNDLE:-.whl}
 LIMIT_MIB=64
 mkdir -p "$OUT"
 rm -f "$OUT"/*.whl
-for pin in $("$PYTHON" bench/gpu_wheels.py pins); do
+for pin in $("$PYTHON" tools/gpu_wheels.py pins); do
   if ! python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d "$OUT" "$pin" 2>/dev/null; then

@@ -1,6 +1,6 @@
 """Image-to-3D with an Ouroboros3D checkpoint: one picture in, 8 views + 3D Gaussians out.
 
-    python -m eval.image_to_3d --image <png> --checkpoint <dir> --output <dir>
+    python -m inference.image_to_3d --image <png> --checkpoint <dir> --output <dir>
         [--steps N --feedback-every 1 --elevation 0]
 
 Input: an RGBA image (the alpha is the object's mask), or an RGB image of an object on a plain,
@@ -10,13 +10,13 @@ needed. The object is recentred and rescaled so that it spans the frame like the
 renders (longest side of the object's box = ``--fill`` of the image, 0.7 by default: a
 unit-size object at radius 2.0 with a 39.6 degree field of view spans about 70%).
 
-Cameras (``data_pipeline.conventions``): the model frame of the input view, azimuths
+Cameras (``common.conventions``): the model frame of the input view, azimuths
 0, 45, ..., 315 degrees (the condition view on +X), the elevation assumed for the input,
 radius 2.0, field of view 39.6 degrees.
 
 Outputs in ``--output``: ``input.png`` (the prepared condition image), ``views.png`` (the 8
 generated views, 2 x 4), ``gaussians.ply`` (standard 3DGS layout, ``model.gaussians_ply.save_ply``),
-``mesh.glb`` (a vertex-coloured mesh of the Gaussians, ``eval.mesh_from_gaussians``, +Y up as
+``mesh.glb`` (a vertex-coloured mesh of the Gaussians, ``inference.mesh_from_gaussians``, +Y up as
 glTF specifies; ``--no-mesh`` skips it) and ``orbit.mp4`` (the Gaussians rendered on a
 360-degree orbit).
 """
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.atomic import atomic_path
-from data_pipeline.conventions import DEFAULT_FOV_DEG, DEFAULT_RADIUS, intrinsics, orbit_c2w
-from eval.report import save_png, to_uint8
+from common.atomic import atomic_path
+from common.conventions import DEFAULT_FOV_DEG, DEFAULT_RADIUS, intrinsics, orbit_c2w
+from common.images import save_png, to_uint8
 
 ALPHA_LOW, ALPHA_HIGH = 0.06, 0.14  # colour distance to the background: alpha 0 below, 1 above
 BORDER_TOLERANCE = 0.10  # a border pixel this close (max over channels) counts as background
@@ -180,7 +180,7 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 30) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.image_to_3d",
+    p = argparse.ArgumentParser(prog="python -m inference.image_to_3d",
                                 description="Image-to-3D with an Ouroboros3D checkpoint.")
     p.add_argument("--image", required=True, type=Path, help="RGBA, or RGB on a plain background")
     p.add_argument("--checkpoint", required=True, type=Path, help="Ouroboros3D export folder")
@@ -243,8 +243,8 @@ def main(argv=None) -> int:
     write_mp4(args.output / "orbit.mp4", video)
     written = ["input.png", "views.png", "gaussians.ply", "orbit.mp4"]
     if not args.no_mesh:
-        from eval.export_mesh import write_mesh
-        from eval.mesh_from_gaussians import mesh_from_gaussians
+        from inference.export_mesh import write_mesh
+        from inference.mesh_from_gaussians import mesh_from_gaussians
 
         try:
             write_mesh(mesh_from_gaussians(out.gaussians[0].detach().cpu()), args.output / "mesh.glb")

@@ -1,7 +1,7 @@
 """The wheel bundle that lets ``bench/gpu_check.sh`` run on a GPU machine with no network.
 
-    python bench/gpu_wheels.py pins               # here: NAME==VERSION of every wheel to bundle
-    python3 bench/gpu_wheels.py select .whl       # there: the bundled wheels that machine needs
+    python tools/gpu_wheels.py pins               # here: NAME==VERSION of every wheel to bundle
+    python3 tools/gpu_wheels.py select .whl       # there: the bundled wheels that machine needs
 
 ``pins`` walks the installed requirements of :data:`TOP_LEVEL` (the packages the GPU machine
 lacks) in this environment, keeps this environment's versions, evaluates markers for the

@@ -1,7 +1,7 @@
 """The one LPIPS builder: ``lpips.LPIPS`` (its v0.1 linear heads) with an ImageNet trunk from
-the cache that the install step fills (:mod:`model.perceptual.fetch`).
+the cache that the install step fills (:mod:`common.perceptual.fetch`).
 
-Both the training loss (``model/lgm/loss.py``) and the benchmark metric (``eval/metrics.py``)
+Both the training loss (``model/lgm/loss.py``) and the benchmark metric (``common/image_metrics.py``)
 build their network here. Without the cache the trunk can only be random: that is refused
 unless the caller allows it, and the returned module says which trunk it has
 (:class:`LPIPSTrunk`). The network is built with the global RNG untouched (a random trunk
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model.perceptual import trunk_cache
+from common.perceptual import trunk_cache
 
 NET_NAMES = {"vgg": "VGG16", "alex": "AlexNet"}
 RANDOM_TRUNK_SEED = 0
@@ -64,7 +64,7 @@ def build_lpips(net: str = "vgg", allow_random: bool = False) -> torch.nn.Module
     if not cached and not allow_random:
         raise RandomLPIPSRefused(
             f"LPIPS: the ImageNet {NET_NAMES[net]} trunk is not cached ({path}). Fill the cache with "
-            "`make setup` (or `python -m model.perceptual.fetch`), or allow a RANDOM trunk explicitly "
+            "`make setup` (or `python -m common.perceptual.fetch`), or allow a RANDOM trunk explicitly "
             "(model config `allow_random_lpips: true`)."
         )
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():

@@ -23,7 +23,7 @@ vertex colours from the nearby Gaussians.
    weights vanish).
 
 Input and output are in the Gaussians' frame (the project's world: +Z up); the writers in
-:mod:`eval.export_mesh` move it to each file format's convention.
+:mod:`inference.export_mesh` move it to each file format's convention.
 """
 
 from __future__ import annotations

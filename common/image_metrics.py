@@ -1,10 +1,17 @@
-"""Image metrics of the benchmark (Sec. 4.1, "Metrics"): PSNR, SSIM and LPIPS on [0, 1] images.
+"""Image metrics, the project's one module for them: PSNR, SSIM, LPIPS, and PSNR's luma / chroma parts.
 
-All functions take images as ``[..., 3, H, W]`` tensors in ``[0, 1]`` (any leading batch dims)
-and return one value per image (``[...]``), so that callers can average over views, objects
-or both as they need.
+The benchmark (Sec. 4.1, "Metrics"), the trainers' logs, the benchmarks and the experiments all
+import them from here. Images are ``[..., 3, H, W]`` tensors in ``[0, data_range]`` (any leading
+batch dims; ``signed=True``: in ``[-1, 1]``, measured on ``[0, 1]`` after ``(x + 1) / 2`` and
+clamping there, data range 1), and a metric returns one value per image (``[...]``), so that callers can average
+over views, objects or both as they need; ``pooled=True`` gives one value over all the images
+(the PSNR of their pooled squared error).
 
-* PSNR: ``10 log10(1 / MSE)`` over all pixels and channels of an image (data range 1).
+* PSNR: ``10 log10(data_range^2 / MSE)`` over all pixels and channels of an image
+  (:func:`psnr_from_mse`, the one place the formula is written).
+* Luma / chroma (ITU-R BT.601): luma ``Y = 0.299 R + 0.587 G + 0.114 B``, chroma the three
+  channels minus their luma (zero for greys); :func:`luma_chroma_psnr` splits a PSNR into the two,
+  to tell lost colour from lost brightness.
 * SSIM: Wang et al. 2004 with the standard constants: Gaussian window of 11 taps, sigma 1.5,
   ``K1 = 0.01``, ``K2 = 0.03``, population (not sample) covariance, computed per channel on
   the valid region (no padding) and averaged over the region and the channels. This is exactly
@@ -12,7 +19,7 @@ or both as they need.
   use_sample_covariance=False, data_range=1, channel_axis=...)`` computes.
 * LPIPS (Zhang et al. 2018) with the ``lpips`` package, VGG trunk by default (the backbone the
   paper names for its perceptual loss, Eq. 2, and the one the GSO benchmarks it compares with
-  report), built by the project's one builder (:func:`model.perceptual.builder.build_lpips`):
+  report), built by the project's one builder (:func:`common.perceptual.builder.build_lpips`):
   ImageNet trunk from the install step's cache. When the cache is missing the trunk is random
   (with a warning) and :attr:`LPIPSMetric.comparable` is False: such numbers exercise the code
   path only and must not be compared with published ones; :attr:`LPIPSMetric.trunk` says which
@@ -37,17 +44,70 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"expected images [..., 3, H, W], got {tuple(pred.shape)}")
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+def _prepared(pred: torch.Tensor, target: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked images; ``signed`` ones ([-1, 1]) mapped to [0, 1] and clamped there."""
+    _check_pair(pred, target)
+    if signed:
+        return ((pred + 1) / 2).clamp(0, 1), ((target + 1) / 2).clamp(0, 1)
+    return pred, target
+
+
+def _mse(error: torch.Tensor, pooled: bool) -> torch.Tensor:
+    """Mean squared ``error`` [..., C, H, W] per image ([...]), or over everything (``pooled``)."""
+    square = error.pow(2)
+    return square.mean() if pooled else square.flatten(-3).mean(-1)
+
+
+def psnr_from_mse(mse, data_range: float = 1.0) -> torch.Tensor:
+    """``10 log10(data_range^2 / mse)`` in dB (``inf`` where ``mse`` is 0).
+
+    Args:
+        mse: a tensor (any shape) or a number (then a float64 tensor comes back).
+    """
+    if not torch.is_tensor(mse):
+        mse = torch.tensor(float(mse), dtype=torch.float64)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, signed: bool = False,
+         pooled: bool = False) -> torch.Tensor:
     """Peak signal-to-noise ratio ``10 log10(data_range^2 / MSE)`` per image.
 
     Args:
-        pred, target: [..., 3, H, W] in [0, data_range].
+        pred, target: [..., 3, H, W] in [0, data_range]; ``signed``: in [-1, 1], measured on
+            [0, 1] (data range 1).
+        pooled: one value from the squared error of all the images together.
     Returns:
-        [...] in dB (``inf`` for identical images).
+        [...] in dB (``inf`` for identical images); ``pooled``: [].
     """
-    _check_pair(pred, target)
-    mse = (pred - target).pow(2).flatten(-3).mean(-1)
-    return 10.0 * torch.log10(data_range**2 / mse)
+    pred, target = _prepared(pred, target, signed)
+    return psnr_from_mse(_mse(pred - target, pooled), data_range)
+
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights of R, G, B
+
+
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` of images [..., 3, H, W] -> [..., 1, H, W]."""
+    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
+    return torch.einsum("c,...chw->...hw", weights, images).unsqueeze(-3)
+
+
+def chroma(images: torch.Tensor) -> torch.Tensor:
+    """The colour part of images [..., 3, H, W]: each channel minus the luma (``luma``); zero for
+    greys. Linear, so ``chroma(x - y) = chroma(x) - chroma(y)``."""
+    return images - luma(images)
+
+
+def luma_chroma_psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, signed: bool = False,
+                     pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(luma dB, chroma dB): :func:`psnr` of the luma and of the chroma of the images (same
+    arguments). A round trip that keeps brightness and greys the colours scores high on the
+    first and low on the second: how much of an error is lost colour.
+    """
+    pred, target = _prepared(pred, target, signed)
+    return (psnr_from_mse(_mse(luma(pred) - luma(target), pooled), data_range),
+            psnr_from_mse(_mse(chroma(pred) - chroma(target), pooled), data_range))
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, dtype=torch.float64):
@@ -113,13 +173,13 @@ class LPIPSMetric:
 
     Attributes:
         net: trunk name ("vgg" by default, or "alex").
-        trunk: :class:`model.perceptual.builder.LPIPSTrunk` (which trunk, real or random).
+        trunk: :class:`common.perceptual.builder.LPIPSTrunk` (which trunk, real or random).
         comparable: True when the trunk has its ImageNet weights; False when it had to be random:
             the numbers are then NOT comparable with published LPIPS values.
     """
 
     def __init__(self, net: str = "vgg", device: str | torch.device = "cpu"):
-        from model.perceptual.builder import build_lpips
+        from common.perceptual.builder import build_lpips
 
         self.model = build_lpips(net, allow_random=True).to(device)
         self.net = net

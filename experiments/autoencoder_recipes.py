@@ -1,10 +1,10 @@
 """Which autoencoder recipe gets nearer the round-trip goal: short in-memory training runs.
 
-    python bench/autoencoder_recipes.py --train '<dir>/shard-*.tar' --heldout '<dir>/shard-*.tar' \
+    python experiments/autoencoder_recipes.py --train '<dir>/shard-*.tar' --heldout '<dir>/shard-*.tar' \
         --name base --steps 600 --evals 200,400,600 [--latent-channels 16] [--blocks 3] \
         [--channels 64,64,64,64] [--norm-groups 8] [--arch plain|linear] [--posterior mode] \
         [--augment step|orbit|view|none] [--init linear-path] [--lr 2e-3]
-    python bench/autoencoder_recipes.py --frames frames.pt --device cuda --name base --steps 20000 ...
+    python experiments/autoencoder_recipes.py --frames frames.pt --device cuda --name base --steps 20000 ...
 
 ``--frames`` caches both frame sets (uint8, 27 MB for 64 objects; written on the first run,
 read instead of the shards when it exists), so that a machine without the shards or Blender,
@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -57,14 +57,15 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 
-from data_pipeline.atomic import atomic_path  # noqa: E402
-from data_pipeline.conventions import NUM_FRAMES, training_frame_indices  # noqa: E402
+from common.atomic import atomic_path  # noqa: E402
+from common.conventions import NUM_FRAMES, training_frame_indices  # noqa: E402
+from common.image_metrics import chroma, luma, luma_chroma_psnr, psnr  # noqa: E402
+from common.training_views import to_training_views  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
 from model.config import preset  # noqa: E402
-from training.autoencoder import (  # noqa: E402
-    autoencoder_loss, chroma, cosine_lr, luma, psnr_signed, roundtrip, save_roundtrip_picture)
+from training.autoencoder import autoencoder_loss, cosine_lr, roundtrip, save_roundtrip_picture  # noqa: E402
 from training.autoencoder_recipe import AUGMENT_MODES, augment_views, init_linear_path  # noqa: E402
-from training.loader import decode_views, expand_shards, to_training_views  # noqa: E402
+from training.loader import decode_views, expand_shards  # noqa: E402
 
 RESOLUTION = 64
 
@@ -195,7 +196,7 @@ def resize_references(groups: list[torch.Tensor], sizes=(8, 16, 32)) -> dict[int
     upsampled back: what a thumbnail of that size keeps, for scale."""
     x = torch.cat(groups)
     thumbnail = lambda size: F.interpolate(F.interpolate(x, size=size, mode="area"), size=x.shape[-1], mode="bicubic")  # noqa: E731
-    return {size: round(psnr_signed(thumbnail(size), x), 2) for size in sizes}
+    return {size: round(signed_db(thumbnail(size), x), 2) for size in sizes}
 
 
 @torch.no_grad()
@@ -217,48 +218,36 @@ def linear_references(train: torch.Tensor, groups: list[torch.Tensor],
         basis = torch.pca_lowrank(fit - mean, q=k + 8, center=False, niter=6)[2][:, :k]
         coded = (patches(x) - mean) @ basis @ basis.T + mean
         recon = F.fold(coded.reshape(len(x), -1, 3 * p * p).transpose(1, 2), x.shape[-2:], p, stride=p)
-        out[f"{x.shape[-1] // p}x{x.shape[-1] // p}x{k}"] = round(psnr_signed(recon, x), 2)
+        out[f"{x.shape[-1] // p}x{x.shape[-1] // p}x{k}"] = round(signed_db(recon, x), 2)
     return out
-
-
-def luma_chroma_psnr(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
-    """(luma dB, chroma dB) of images [..., 3, H, W] in [-1, 1], measured on [0, 1] (peak 1).
-
-    Luma ``Y = 0.299 R + 0.587 G + 0.114 B``; chroma the three channels minus their luma
-    (``training.autoencoder.luma``, ``chroma``). A round
-    trip that keeps brightness and greys the colours scores high on the first and low on the
-    second: how much of an autoencoder's error is lost colour.
-    """
-    def split(x):
-        x = ((x + 1) / 2).clamp(0, 1)
-        return luma(x), chroma(x)
-
-    db = lambda mse: 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")  # noqa: E731
-    (py, pc), (ty, tc) = split(pred), split(target)
-    return db(F.mse_loss(py, ty).item()), db(F.mse_loss(pc, tc).item())
 
 
 def grey_chroma_reference(groups: list[torch.Tensor]) -> float:
     """Chroma dB (``luma_chroma_psnr``) of the frames against their own greyscale: what a round
     trip that keeps no colour at all scores there."""
     x = torch.cat(groups)
-    return luma_chroma_psnr(luma((x + 1) / 2).expand_as(x) * 2 - 1, x)[1]
+    return float(luma_chroma_psnr(luma((x + 1) / 2).expand_as(x) * 2 - 1, x, signed=True, pooled=True)[1])
+
+
+def signed_db(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR (dB) over all of the frames [..., 3, H, W] in [-1, 1], measured on [0, 1] (peak 1)."""
+    return float(psnr(pred, target, signed=True, pooled=True))
 
 
 @torch.no_grad()
-def psnr(model, trip, groups) -> dict[str, float]:
-    """PSNR (dB) over all frames of the groups (``psnr_signed``: [0, 1] images, peak 1), and
-    its luma and chroma parts (``luma_chroma_psnr``)."""
+def roundtrip_db(model, trip, groups) -> dict[str, float]:
+    """PSNR (dB) of the round trip over all frames of the groups (``signed_db``), and its luma
+    and chroma parts (``common.image_metrics.luma_chroma_psnr``)."""
     model.eval()
     recon, target = torch.cat([trip(g[None])[0] for g in groups]), torch.cat(groups)
     model.train()
-    luma_db, chroma_db = luma_chroma_psnr(recon, target)
-    return dict(db=round(psnr_signed(recon, target), 2), luma_db=round(luma_db, 2), chroma_db=round(chroma_db, 2))
+    luma_db, chroma_db = (float(db) for db in luma_chroma_psnr(recon, target, signed=True, pooled=True))
+    return dict(db=round(signed_db(recon, target), 2), luma_db=round(luma_db, 2), chroma_db=round(chroma_db, 2))
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """The recipe's flags (model variant, objective, augmentation, lr), shared with
-    ``bench/autoencoder_one_orbit.py``."""
+    ``experiments/autoencoder_one_orbit.py``."""
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--augment", choices=AUGMENT_MODES, default="step",
                    help="colour augmentation drawn once a step (every orbit alike), an orbit, or a view")
@@ -320,7 +309,7 @@ def main() -> None:
         if step in evals:
             record = dict(name=args.name, step=step, s_per_step=round((time.time() - start) / step, 3))
             for split, groups in (("seen", seen), ("heldout", heldout)):
-                record.update({f"{split}_{k}": v for k, v in psnr(model, trip, groups).items()})
+                record.update({f"{split}_{k}": v for k, v in roundtrip_db(model, trip, groups).items()})
             print(json.dumps(record), flush=True)
             with torch.no_grad():
                 model.eval()
