@@ -102,14 +102,19 @@ def step_picture(views: torch.Tensor, renders: dict | None, tile: int = TILE) ->
     return np.concatenate([rows[0], gap, rows[1], gap, rows[2]], 0)
 
 
-def gaussians_y_up(g: torch.Tensor) -> torch.Tensor:
-    """Gaussians [N, 14] of the world frame (+Z up) turned -90 degrees about X into the +Y-up
-    frame of glTF (world (x, y, z) -> (x, z, -y), ``eval.export_mesh.Z_UP_TO_Y_UP``): centres
-    and rotations turned, the rest unchanged. For viewers that take +Y as up."""
-    from eval.export_mesh import Z_UP_TO_Y_UP
+# world (model frame of the input: +Z up, the input camera on +X) -> the input camera's OpenCV
+# axes at the object's centre (x right = world +Y, y down = world -Z, z forward = world -X)
+WORLD_TO_INPUT_CAMERA = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]])
+
+
+def gaussians_for_viewer(g: torch.Tensor) -> torch.Tensor:
+    """Gaussians [N, 14] of the world frame turned into the input camera's OpenCV axes
+    (``WORLD_TO_INPUT_CAMERA``): the frame of the captures 3DGS viewers are made for (y down),
+    in which gradio's splat viewer (gsplat.js) opens with the input's view, upright. Centres and
+    rotations turned, the rest unchanged."""
     from model.gaussians import matrix_to_quaternion, quaternion_multiply
 
-    R = torch.tensor(Z_UP_TO_Y_UP, dtype=g.dtype)
+    R = torch.tensor(WORLD_TO_INPUT_CAMERA, dtype=g.dtype)
     out = g.clone()
     out[:, 0:3] = g[:, 0:3] @ R.T
     out[:, 7:11] = quaternion_multiply(matrix_to_quaternion(R).expand(g.shape[0], 4), g[:, 7:11])
@@ -243,7 +248,7 @@ class Generator:
             from model.gaussians_ply import save_ply
 
             (out / "viewer").mkdir()  # the app's own copy for the 3D viewer, beside the CLI's files
-            save_ply(gaussians_y_up(result.gaussians), out / "viewer" / "gaussians_y_up.ply")
+            save_ply(gaussians_for_viewer(result.gaussians), out / "viewer" / "gaussians_view.ply")
             timings.update(result.timings, total_s=time.perf_counter() - timings.pop("start"))
             manifest = self.manifest(settings, result.steps, upload, name, notes, warnings, written, timings)
             (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -359,7 +364,7 @@ def build_app(gen: Generator, max_queue: int = 8):
         lines += [f"Note: {n}." for n in done["notes"]] + [f"Warning: {w}." for w in done["warnings"]]
         last = sorted((out / "steps").glob("*.png"))[-1]
         yield (settings.seed, str(last), gr.skip(), views, str(out / "orbit.mp4"),
-               str(out / "viewer" / "gaussians_y_up.ply"), mesh_path, downloads, "\n\n".join(lines))
+               str(out / "viewer" / "gaussians_view.ply"), mesh_path, downloads, "\n\n".join(lines))
 
     def end_session(request: gr.Request):
         gen.end_session(getattr(request, "session_hash", None))
@@ -404,7 +409,7 @@ def build_app(gen: Generator, max_queue: int = 8):
         gallery = gr.Gallery(label="Generated views", columns=8, height="auto", elem_id="views")
         with gr.Row():
             video = gr.Video(label="Orbit video", autoplay=True, loop=True, elem_id="video")
-            splat = gr.Model3D(label="Gaussians (.ply, +Y up)", elem_id="gaussians", height=360)
+            splat = gr.Model3D(label="Gaussians (.ply; opens at the input view, upright)", elem_id="gaussians", height=360)
             mesh_view = gr.Model3D(label="Mesh (.glb, +Y up)", elem_id="mesh", height=360,
                                    camera_position=(0, 75, None))
         downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
