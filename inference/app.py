@@ -321,7 +321,8 @@ def build_app(gen: Generator, max_queue: int = 8):
     def generate(upload, fill, seed, randomize, steps, guidance_min, guidance_max, feedback, elevation,
                  orbit_frames, mesh, request: gr.Request, progress=gr.Progress()):
         """Image to 3D: returns the seed used, the last step picture, its caption, the views, the
-        orbit video, the Gaussians (+Y up, for the viewer), the mesh, the downloads and a note."""
+        orbit video, the Gaussians (the viewer's copy), the downloads, a summary and the mesh's path
+        (a State: shown by a chained event, see below)."""
         try:
             settings = gen.settings(seed, randomize, steps, guidance_min, guidance_max, feedback, elevation,
                                     fill, orbit_frames, mesh)
@@ -364,7 +365,7 @@ def build_app(gen: Generator, max_queue: int = 8):
         lines += [f"Note: {n}." for n in done["notes"]] + [f"Warning: {w}." for w in done["warnings"]]
         last = sorted((out / "steps").glob("*.png"))[-1]
         yield (settings.seed, str(last), gr.skip(), views, str(out / "orbit.mp4"),
-               str(out / "viewer" / "gaussians_view.ply"), mesh_path, downloads, "\n\n".join(lines))
+               str(out / "viewer" / "gaussians_view.ply"), downloads, "\n\n".join(lines), mesh_path)
 
     def end_session(request: gr.Request):
         gen.end_session(getattr(request, "session_hash", None))
@@ -406,13 +407,14 @@ def build_app(gen: Generator, max_queue: int = 8):
         step_img = gr.Image(label="The recursion, live", type="numpy", interactive=False, format="png",
                             elem_id="step")
         step_caption = gr.Markdown(elem_id="step_caption")
-        gallery = gr.Gallery(label="Generated views", columns=8, height="auto", elem_id="views")
+        gallery = gr.Gallery(label="Generated views", columns=8, height=240, object_fit="contain", elem_id="views")
         with gr.Row():
             video = gr.Video(label="Orbit video", autoplay=True, loop=True, elem_id="video")
             splat = gr.Model3D(label="Gaussians (.ply; opens at the input view, upright)", elem_id="gaussians", height=360)
             mesh_view = gr.Model3D(label="Mesh (.glb, +Y up)", elem_id="mesh", height=360,
                                    camera_position=(0, 75, None))
         downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
+        mesh_path = gr.State(None)
         examples = example_images()
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[upload], cache_examples=False,
@@ -420,10 +422,13 @@ def build_app(gen: Generator, max_queue: int = 8):
 
         upload.change(preview, [upload, fill], [preview_img, message], queue=False, api_name=False)
         fill.release(preview, [upload, fill], [preview_img, message], queue=False, api_name=False)
+        # gradio 6.31's babylon viewer stays blank when a streaming (generator) event sets it, while
+        # the splat viewer does not: the mesh goes through a State and a chained plain event.
         button.click(generate, [upload, fill, seed, randomize, steps, gmin, gmax, feedback, elevation,
                                 orbit_frames, mesh],
-                     [seed_used, step_img, step_caption, gallery, video, splat, mesh_view, downloads, summary],
-                     api_name="generate", concurrency_limit=1)  # fmt: skip
+                     [seed_used, step_img, step_caption, gallery, video, splat, downloads, summary, mesh_path],
+                     api_name="generate", concurrency_limit=1).then(
+            lambda path: path, mesh_path, mesh_view, api_name=False, queue=False)  # fmt: skip
         demo.unload(end_session)
     demo.queue(default_concurrency_limit=1, max_size=max_queue)
     return demo

@@ -206,7 +206,7 @@ def test_api_returns_the_cli_files_and_streams_each_step(server, client, checkpo
     job = _generate(client, image, seed=7, submit=True)
     final = job.result(timeout=300)
     outputs = job.outputs()
-    seed_used, _, _, gallery, video, splat, mesh_view, downloads, summary = final
+    seed_used, _, _, gallery, video, splat, downloads, summary = final
     assert seed_used == 7
     # one streamed update per denoising step (the step picture: views, RGB and CCM feedback), then the result
     steps = [o for o in outputs if isinstance(o[2], str) and o[2].startswith("Step ")]
@@ -257,7 +257,7 @@ def test_seed_randomized_is_returned_and_reproduces_the_views(server, client, tm
     again = _generate(client, image, seed=seed, mesh=False)
     other = _generate(client, image, seed=seed + 1, mesh=False)
     assert again[0] == seed
-    views = [_by_name(r[7])["views.png"] for r in (first, again, other)]
+    views = [_by_name(r[6])["views.png"] for r in (first, again, other)]
     assert _sha(views[0]) == _sha(views[1])  # same seed, same checkpoint: the same bytes
     assert _sha(views[0]) != _sha(views[2])  # and the seed matters
 
@@ -293,11 +293,11 @@ def test_bad_inputs_get_clear_messages_and_the_server_keeps_serving(server, clie
     big = np.zeros((2600, 3000, 4), np.float32)
     big[1000:1600, 1200:2000] = (0.2, 0.5, 0.9, 1.0)
     result = _generate(client, _save(tmp_path / "big.png", big), steps=1, mesh=False)
-    assert "downscaled to 2048x1775" in result[8]
-    assert _by_name(result[7])["views.png"].is_file()
+    assert "downscaled to 2048x1775" in result[7]
+    assert _by_name(result[6])["views.png"].is_file()
     # and the next ordinary request works
     result = _generate(client, tmp_path / "ok.png", steps=1, mesh=False)
-    assert "views.png" in _by_name(result[7])
+    assert "views.png" in _by_name(result[6])
 
 
 def _chrome():
@@ -346,9 +346,12 @@ def test_browser_uploads_runs_and_shows_the_3d(server, tmp_path):
                    and len(d.find_elements(By.CSS_SELECTOR, "#views img")) >= 4)  # fmt: skip
         assert "Seed 0" in driver.find_element(By.ID, "summary").text
         assert "Step 2/2" in driver.find_element(By.ID, "step_caption").text
-        canvas = driver.find_element(By.CSS_SELECTOR, "#gaussians canvas")
-        # the splat viewer draws a few frames after loading; WebGL through SwiftShader
-        WebDriverWait(driver, 60, poll_frequency=1).until(lambda d: _canvas_is_drawn(canvas.screenshot_as_png))
+        # the viewers draw a few frames after loading, WebGL through SwiftShader; the mesh viewer
+        # (babylon) is set by the chained event after the run
+        assert "no mesh.glb" not in driver.find_element(By.ID, "summary").text
+        for viewer in ("#gaussians canvas", "#mesh canvas"):
+            canvas = WebDriverWait(driver, 60, poll_frequency=1).until(lambda d: d.find_element(By.CSS_SELECTOR, viewer))
+            WebDriverWait(driver, 60, poll_frequency=1).until(lambda d: _canvas_is_drawn(canvas.screenshot_as_png))
         time.sleep(2)
         shot = Path(os.environ.get("OUROBOROS_APP_SCREENSHOT", tmp_path / "app.png"))
         driver.save_screenshot(str(shot))

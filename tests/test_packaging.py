@@ -24,7 +24,7 @@ import pytest
 from data_paths import REPO
 from PIL import Image
 
-PACKAGES = ("data_pipeline", "model", "training", "eval", "infra")
+PACKAGES = ("data_pipeline", "model", "training", "eval", "infra", "inference")
 # Paths that exist only on some machine: the development machines' tree, home folders (the Ray
 # image's home is the same in every container, so it is allowed) and the folder beside the
 # development checkout. Each is written with a character class so that this line is no match.
@@ -90,7 +90,8 @@ def test_wheel_holds_every_file_of_the_packages(wheel):
     }
     assert not expected - names, f"not in the wheel (add them to package-data): {sorted(expected - names)}"
     for needed in ("infra/deepspeed/zero2_cpu_fp32.json", "training/configs/tiny.yaml",
-                   "data_pipeline/objaverse_lists/lgm_kiuisobj_v1_merged_80K.csv", "eval/gso_selection.txt"):
+                   "data_pipeline/objaverse_lists/lgm_kiuisobj_v1_merged_80K.csv", "eval/gso_selection.txt",
+                   "inference/examples/demo1000_0001_sphere_stripes.png"):
         assert needed in names
 
 
