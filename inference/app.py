@@ -222,6 +222,7 @@ class Generator:
         ("error", message) on ``events``. Runs in a thread of its own."""
         try:
             timings = {"start": time.perf_counter()}
+            started_at = time.time()
             prepared, notes = self.prepare(upload, settings.fill, name)
             with self.lock:
                 self.runs += 1
@@ -251,6 +252,7 @@ class Generator:
             save_ply(gaussians_for_viewer(result.gaussians), out / "viewer" / "gaussians_view.ply")
             timings.update(result.timings, total_s=time.perf_counter() - timings.pop("start"))
             manifest = self.manifest(settings, result.steps, upload, name, notes, warnings, written, timings)
+            manifest.update(started_at=round(started_at, 3), finished_at=round(time.time(), 3))  # Unix time
             (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
             archive = out / f"ouroboros3d_seed{settings.seed}.zip"
             with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -263,6 +263,29 @@ def test_seed_randomized_is_returned_and_reproduces_the_views(server, client, tm
 
 
 @pytest.mark.slow
+def test_one_generation_at_a_time(server, tmp_path):
+    """Two sessions click at once: both are served, and their runs (start to files written, the
+    manifests' Unix times) do not overlap."""
+    from gradio_client import Client
+
+    image = _save(tmp_path / "disc.png", _disc())
+    clients = [Client(server["url"], verbose=False, download_files=str(tmp_path / f"d{i}")) for i in range(2)]
+    try:
+        jobs = [_generate(c, image, seed=i, mesh=False, submit=True) for i, c in enumerate(clients)]
+        spans = []
+        for job in jobs:
+            (archive,) = [f for f in job.result(timeout=300)[6] if f.endswith(".zip")]
+            with zipfile.ZipFile(archive) as zf:
+                manifest = json.loads(zf.read("manifest.json"))
+            spans.append((manifest["started_at"], manifest["finished_at"]))
+        (s0, e0), (s1, e1) = sorted(spans)
+        assert s0 < e0 <= s1 < e1, spans
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.slow
 def test_bad_inputs_get_clear_messages_and_the_server_keeps_serving(server, client, tmp_path):
     from gradio_client.exceptions import AppError
 
