@@ -412,7 +412,8 @@ def build_app(gen: Generator, max_queue: int = 8):
         gallery = gr.Gallery(label="Generated views", columns=8, height=240, object_fit="contain", elem_id="views")
         with gr.Row():
             video = gr.Video(label="Orbit video", autoplay=True, loop=True, elem_id="video")
-            splat = gr.Model3D(label="Gaussians (.ply; opens at the input view, upright)", elem_id="gaussians", height=360)
+            splat = gr.Model3D(label="Gaussians (.ply; opens at the input view, upright)", elem_id="gaussians",
+                               height=360)
             mesh_view = gr.Model3D(label="Mesh (.glb, +Y up)", elem_id="mesh", height=360,
                                    camera_position=(0, 75, None))
         downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
@@ -437,7 +438,8 @@ def build_app(gen: Generator, max_queue: int = 8):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m inference.app", description="Serve an Ouroboros3D checkpoint in the browser.")
+    p = argparse.ArgumentParser(prog="python -m inference.app",
+                                description="Serve an Ouroboros3D checkpoint in the browser.")
     p.add_argument("--checkpoint", required=True, type=Path, help="Ouroboros3D export folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)

@@ -373,7 +373,8 @@ def test_browser_uploads_runs_and_shows_the_3d(server, tmp_path):
         # (babylon) is set by the chained event after the run
         assert "no mesh.glb" not in driver.find_element(By.ID, "summary").text
         for viewer in ("#gaussians canvas", "#mesh canvas"):
-            canvas = WebDriverWait(driver, 60, poll_frequency=1).until(lambda d: d.find_element(By.CSS_SELECTOR, viewer))
+            canvas = WebDriverWait(driver, 60, poll_frequency=1).until(
+                lambda d: d.find_element(By.CSS_SELECTOR, viewer))
             WebDriverWait(driver, 60, poll_frequency=1).until(lambda d: _canvas_is_drawn(canvas.screenshot_as_png))
         time.sleep(2)
         shot = Path(os.environ.get("OUROBOROS_APP_SCREENSHOT", tmp_path / "app.png"))
