@@ -19,13 +19,21 @@ generated views, 2 x 4), ``gaussians.ply`` (standard 3DGS layout, ``model.gaussi
 ``mesh.glb`` (a vertex-coloured mesh of the Gaussians, ``inference.mesh_from_gaussians``, +Y up as
 glTF specifies; ``--no-mesh`` skips it) and ``orbit.mp4`` (the Gaussians rendered on a
 360-degree orbit).
+
+The steps are functions that the browser app (``inference.app``) shares: :func:`prepare_input`
+(reading, refusals, framing), :func:`generate` (Algorithm 2 with a per-step callback, then the
+orbit video) and :func:`write_outputs` (the files above), so that both give the same files for
+the same image, seed and settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,6 +46,11 @@ from common.images import save_png, to_uint8
 ALPHA_LOW, ALPHA_HIGH = 0.06, 0.14  # colour distance to the background: alpha 0 below, 1 above
 BORDER_TOLERANCE = 0.10  # a border pixel this close (max over channels) counts as background
 BORDER_PLAIN_FRACTION = 0.95  # share of border pixels that must be background
+# Reading a picture: above MAX_INPUT_PIXELS it is refused before it is decoded (memory: a
+# 100-megapixel RGBA image is 1.6 GB as float32); a longest side above MAX_INPUT_SIDE is
+# downscaled first (the model sees it at its own resolution, 64 to 512 px, anyway), with a note.
+MAX_INPUT_PIXELS = 64_000_000
+MAX_INPUT_SIDE = 2048
 
 
 class InputImageError(ValueError):
@@ -80,19 +93,34 @@ def alpha_from_background(rgb: np.ndarray, background: np.ndarray) -> np.ndarray
     return np.clip((dist - ALPHA_LOW) / (ALPHA_HIGH - ALPHA_LOW), 0.0, 1.0)
 
 
-def load_rgba(path: str | Path) -> np.ndarray:
+def load_rgba(path: str | Path, notes: list[str] | None = None) -> np.ndarray:
     """An input picture as straight-alpha RGBA float [H, W, 4] in [0, 1].
 
     RGBA (or LA / paletted with transparency) keeps its alpha; an opaque image must be an
-    object on a plain background (:func:`estimate_background`).
+    object on a plain background (:func:`estimate_background`). A picture of more than
+    ``MAX_INPUT_PIXELS`` is refused before it is decoded; one whose longest side exceeds
+    ``MAX_INPUT_SIDE`` is downscaled to it, and a note saying so is appended to ``notes``.
     """
     try:
         img = Image.open(path)
+        w, h = img.size
+        if w * h > MAX_INPUT_PIXELS:
+            raise InputImageError(f"{path}: the image is {w}x{h} pixels, more than the "
+                                  f"{MAX_INPUT_PIXELS / 1e6:.0f} megapixels accepted; give a smaller picture")
         img.load()
-    except (OSError, ValueError) as err:
+    except Image.DecompressionBombError as err:
+        raise InputImageError(f"{path}: the image is too large to read safely ({err})") from err
+    except (OSError, ValueError, SyntaxError) as err:
         raise InputImageError(f"{path}: cannot read the image ({err})") from err
     has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
-    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+    img = img.convert("RGBA")
+    if max(w, h) > MAX_INPUT_SIDE:
+        scale = MAX_INPUT_SIDE / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        img = img.resize(size, Image.Resampling.LANCZOS)  # premultiplied: no colour from the background
+        if notes is not None:
+            notes.append(f"the image ({w}x{h}) was downscaled to {size[0]}x{size[1]} before it was prepared")
+    rgba = np.asarray(img, dtype=np.float32) / 255.0
     if has_alpha and rgba[..., 3].min() < 1.0:
         return rgba
     rgb = rgba[..., :3]
@@ -179,6 +207,122 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = 30) -> None:
                          macro_block_size=1, format="FFMPEG")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What a run is given besides the image and the checkpoint (the CLI's flags).
+
+    ``steps`` None: the checkpoint's ``edm.num_steps``; ``guidance`` None: the checkpoint's
+    (min, max) classifier-free guidance; ``use_feedback`` False: the two-stage baseline on the
+    same weights (``Ouroboros3D.sample(use_feedback=False)``).
+    """
+
+    seed: int = 0
+    steps: int | None = None
+    feedback_every: int = 1
+    use_feedback: bool = True
+    guidance: tuple[float, float] | None = None
+    elevation: float = 0.0
+    fill: float = 0.7
+    orbit_frames: int = 60
+    mesh: bool = True
+
+    def check(self) -> None:
+        """Raise ValueError with the CLI's message for a setting out of range."""
+        if not 0.1 <= self.fill <= 1.0:
+            raise ValueError(f"--fill {self.fill} not in [0.1, 1]")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps {self.steps} must be >= 1")
+        if self.feedback_every < 1:
+            raise ValueError(f"--feedback-every {self.feedback_every} must be >= 1")
+        if self.orbit_frames < 1:
+            raise ValueError(f"--orbit-frames {self.orbit_frames} must be >= 1")
+        if not -90.0 < self.elevation < 90.0:
+            raise ValueError(f"--elevation {self.elevation} not in (-90, 90) degrees")
+        if self.guidance is not None:
+            low, high = self.guidance
+            if not 0.0 <= low <= high:
+                raise ValueError(f"--guidance {low} {high}: need 0 <= min <= max")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed {self.seed} not in [0, 2^63)")
+
+
+def read_config(checkpoint: str | Path):
+    """The checkpoint's ``OuroborosConfig`` (ValueError naming the folder when it has none)."""
+    from model.config import OuroborosConfig
+    from model.ouroboros import CONFIG_NAME
+
+    return OuroborosConfig.load(Path(checkpoint) / CONFIG_NAME)
+
+
+def prepare_input(image: str | Path, resolution: int, fill: float, notes: list[str] | None = None) -> np.ndarray:
+    """Read, check and frame an input picture: [resolution, resolution, 4] straight alpha in
+    [0, 1]. Raises :class:`InputImageError` with the message the CLI prints."""
+    return recentre(load_rgba(image, notes), resolution, fill, str(image))
+
+
+@dataclass
+class Generated:
+    """One run's results in memory. ``views`` [V, 3, H, W] in [0, 1]; ``gaussians`` [N, 14] on
+    the CPU (model frame, +Z up); ``video`` [F, H, W, 3] uint8; ``timings`` seconds."""
+
+    condition: torch.Tensor
+    views: torch.Tensor
+    gaussians: torch.Tensor
+    video: np.ndarray
+    steps: int
+    timings: dict = field(default_factory=dict)
+
+
+def generate(model, prepared: np.ndarray, settings: Settings, device: torch.device,
+             callback: Callable | None = None, progress: bool = True) -> Generated:  # fmt: skip
+    """Algorithm 2 on one prepared image (``Ouroboros3D.sample`` with ``callback``: see
+    ``model.sampling.sample_euler``), then the Gaussians' orbit video."""
+    cfg = model.config
+    bg = float(cfg.background)
+    steps = settings.steps or cfg.edm.num_steps
+    cond = condition_image(prepared, bg).to(device)
+    c2w, K = view_cameras(cfg.num_views, settings.elevation, cfg.resolution)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.sample(cond, c2w.to(device), K.to(device), num_steps=steps,
+                           feedback_every=settings.feedback_every, guidance=settings.guidance,
+                           generator=generator, progress=progress, use_feedback=settings.use_feedback,
+                           callback=callback)  # fmt: skip
+        sampled = time.perf_counter()
+        video = render_orbit(out.gaussians[:1], settings.elevation, cfg.resolution,
+                             settings.orbit_frames, bg)  # fmt: skip
+    timings = dict(sample_s=sampled - start, orbit_s=time.perf_counter() - sampled)
+    return Generated(condition=cond[0].cpu(), views=((out.views[0] + 1) / 2).clamp(0, 1).cpu(),
+                     gaussians=out.gaussians[0].detach().cpu(), video=video, steps=steps, timings=timings)  # fmt: skip
+
+
+def write_outputs(result: Generated, output: str | Path, mesh: bool = True) -> tuple[list[str], list[str]]:
+    """Write ``input.png``, ``views.png``, ``gaussians.ply``, ``orbit.mp4`` and (``mesh``)
+    ``mesh.glb`` into ``output``. Returns (the names written, warnings)."""
+    from model.gaussians_ply import save_ply
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    save_png(output / "input.png", to_uint8((result.condition + 1) / 2))
+    save_png(output / "views.png", views_grid(result.views))
+    save_ply(result.gaussians, output / "gaussians.ply")
+    write_mp4(output / "orbit.mp4", result.video)
+    written, warnings = ["input.png", "views.png", "gaussians.ply", "orbit.mp4"], []
+    if mesh:
+        from inference.export_mesh import write_mesh
+        from inference.mesh_from_gaussians import mesh_from_gaussians
+
+        start = time.perf_counter()
+        try:
+            write_mesh(mesh_from_gaussians(result.gaussians), output / "mesh.glb")
+            written.append("mesh.glb")
+        except ValueError as err:  # e.g. Gaussians too faint to have a surface
+            warnings.append(f"no mesh.glb: {err}")
+        result.timings["mesh_s"] = time.perf_counter() - start
+    return written, warnings
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m inference.image_to_3d",
                                 description="Image-to-3D with an Ouroboros3D checkpoint.")
@@ -188,6 +332,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: the checkpoint config's edm.num_steps, the paper's 25)")
     p.add_argument("--feedback-every", type=int, default=1)
+    p.add_argument("--no-feedback", action="store_true",
+                   help="the two-stage baseline: zero 3D feedback, reconstruct only at the end")
+    p.add_argument("--guidance", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="per-frame classifier-free guidance range (default: the checkpoint's)")
     p.add_argument("--elevation", type=float, default=0.0,
                    help="elevation (degrees) assumed for the input view")
     p.add_argument("--fill", type=float, default=0.7,
@@ -199,6 +347,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(seed=args.seed, steps=args.steps, feedback_every=args.feedback_every,
+                    use_feedback=not args.no_feedback,
+                    guidance=tuple(args.guidance) if args.guidance is not None else None,
+                    elevation=args.elevation, fill=args.fill, orbit_frames=args.orbit_frames,
+                    mesh=not args.no_mesh)  # fmt: skip
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` = CUDA when available, else CPU."""
     if name == "auto":
@@ -208,49 +364,26 @@ def resolve_device(name: str) -> torch.device:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from model.config import OuroborosConfig
-    from model.ouroboros import CONFIG_NAME
-
-    if not 0.1 <= args.fill <= 1.0:
-        print(f"error: --fill {args.fill} not in [0.1, 1]", file=sys.stderr)
-        return 2
+    settings = settings_from_args(args)
+    notes: list[str] = []
     try:  # every check on the inputs happens before the (slow) model load
-        rgba = load_rgba(args.image)
-        cfg = OuroborosConfig.load(args.checkpoint / CONFIG_NAME)
-        prepared = recentre(rgba, cfg.resolution, args.fill, str(args.image))
+        settings.check()
+        rgba = load_rgba(args.image, notes)
+        cfg = read_config(args.checkpoint)
+        prepared = recentre(rgba, cfg.resolution, settings.fill, str(args.image))
     except (InputImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from model.gaussians_ply import save_ply
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     from model.ouroboros import Ouroboros3D
 
     device = resolve_device(args.device)
     model = Ouroboros3D.from_pretrained(args.checkpoint).to(device).eval()
-    bg = float(cfg.background)
-    cond = condition_image(prepared, bg).to(device)
-    c2w, K = view_cameras(cfg.num_views, args.elevation, cfg.resolution)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    with torch.no_grad():
-        out = model.sample(cond, c2w.to(device), K.to(device), num_steps=args.steps,
-                           feedback_every=args.feedback_every, generator=generator)  # fmt: skip
-        video = render_orbit(out.gaussians[:1], args.elevation, cfg.resolution,
-                             args.orbit_frames, bg)  # fmt: skip
-
-    args.output.mkdir(parents=True, exist_ok=True)
-    save_png(args.output / "input.png", to_uint8((cond[0] + 1) / 2))
-    save_png(args.output / "views.png", views_grid(((out.views[0] + 1) / 2).clamp(0, 1)))
-    save_ply(out.gaussians[0].detach().cpu(), args.output / "gaussians.ply")
-    write_mp4(args.output / "orbit.mp4", video)
-    written = ["input.png", "views.png", "gaussians.ply", "orbit.mp4"]
-    if not args.no_mesh:
-        from inference.export_mesh import write_mesh
-        from inference.mesh_from_gaussians import mesh_from_gaussians
-
-        try:
-            write_mesh(mesh_from_gaussians(out.gaussians[0].detach().cpu()), args.output / "mesh.glb")
-            written.append("mesh.glb")
-        except ValueError as err:  # e.g. Gaussians too faint to have a surface
-            print(f"warning: no mesh.glb: {err}", file=sys.stderr)
+    result = generate(model, prepared, settings, device)
+    written, warnings = write_outputs(result, args.output, settings.mesh)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {args.output}/{{{', '.join(written)}}}")
     return 0
 

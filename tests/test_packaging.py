@@ -90,7 +90,8 @@ def test_wheel_holds_every_file_of_the_packages(wheel):
     }
     assert not expected - names, f"not in the wheel (add them to package-data): {sorted(expected - names)}"
     for needed in ("infra/deepspeed/zero2_cpu_fp32.json", "training/configs/tiny.yaml",
-                   "data_pipeline/objaverse_lists/lgm_kiuisobj_v1_merged_80K.csv", "eval/gso_selection.txt"):
+                   "data_pipeline/objaverse_lists/lgm_kiuisobj_v1_merged_80K.csv", "eval/gso_selection.txt",
+                   "inference/examples/demo1000_0001_sphere_stripes.png"):
         assert needed in names
 
 
