@@ -78,14 +78,21 @@ class RenderSettings:
 
 @dataclass
 class OrbitRender:
-    """One orbit of one object. F = 16 frames unless ``RenderSettings.frames`` chose fewer."""
+    """One orbit of one object as arrays: what :func:`render_object` returns, what a shard sample
+    encodes (``shards.encode_sample``) and decodes to (``shards.decode_sample``), and what the
+    training loader and the benchmark turn into model views (``training.loader.to_training_views``).
+    F = 16 frames unless fewer were rendered (``RenderSettings.frames``) or decoded."""
 
-    orbit: int
+    key: str  # <uid>_o<k> (conventions.sample_key)
     rgba: np.ndarray  # uint8 [F, H, W, 4], straight alpha
-    ccm: np.ndarray  # float32 [F, H, W, 3] in [0, 1], 0 where alpha == 0
+    ccm: np.ndarray | None  # float32 [F, H, W, 3] in [0, 1], 0 where alpha == 0; None: not decoded
     c2w: np.ndarray  # float32 [F, 4, 4] OpenCV axes, world = normalised object frame
     K: np.ndarray  # float32 [F, 3, 3] pixels
     meta: dict  # the sample's <key>.json (docs/design.md section 3)
+
+    @property
+    def orbit(self) -> int:
+        return C.key_orbit(self.key)
 
 
 class RenderError(RuntimeError):
@@ -299,6 +306,6 @@ def render_object(mesh_path, uid: str, settings: RenderSettings = RenderSettings
             "project_version": project_version(),
             "warnings": worker_meta["warnings"],
         }
-        results.append(OrbitRender(orbit=k, rgba=rgba, ccm=ccm, c2w=cams["c2w"].astype(np.float32),
+        results.append(OrbitRender(key=C.sample_key(uid, k), rgba=rgba, ccm=ccm, c2w=cams["c2w"].astype(np.float32),
                                    K=np.array(cams["K"], dtype=np.float32), meta=meta))
     return results

@@ -127,16 +127,15 @@ def render_ground_truth(obj: gso.GSOObject, resolution: int, samples: int, devic
 
 
 def ground_truth_views(orbit, resolution: int, background: float) -> dict:
-    """Rendered frames -> the model's view set, exactly as the training loader builds it.
+    """Rendered frames (an ``OrbitRender``) -> the model's view set, exactly as the training
+    loader builds it.
 
     Returns:
         dict(images [8,3,R,R] in [-1,1], alphas, ccm, c2w [8,4,4] model frame, K [8,3,3]).
     """
     from training.loader import to_training_views
 
-    views = dict(rgba=orbit.rgba, ccm=orbit.ccm, c2w=orbit.c2w.astype(np.float64),
-                 K=orbit.K.astype(np.float64), meta=orbit.meta)  # fmt: skip
-    return to_training_views(views, resolution, [background] * 3)
+    return to_training_views(orbit, resolution, [background] * 3)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -89,7 +89,7 @@ def test_render_job_writes_shards_manifest_and_sheet_to_s3(s3_bucket):
             raw.setdefault(key, {"__key__": key})[suffix] = tar.extractfile(member).read()
     for sample in raw.values():
         decoded = decode_sample(sample)
-        assert decoded["rgba"].shape == (16, 32, 32, 4) and decoded["rgba"][..., 3].any()
+        assert decoded.rgba.shape == (16, 32, 32, 4) and decoded.rgba[..., 3].any()
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ from data_pipeline.conventions import (
     to_condition_frame,
     training_frame_indices,
 )
+from data_pipeline.render import OrbitRender
 from data_pipeline.shards import CorruptSampleError, decode_sample
 from training.shard_store import ReadPolicy, expand_shards, open_shard
 
@@ -65,14 +66,17 @@ class LoaderConfig:
     """What the loader produces and how it streams.
 
     resolution: model image size (square). background: RGB in [0, 1] the RGBA frames are
-    composited over. batch_size: samples per batch on one rank (the micro batch). reads:
-    timeouts and retries of shards in an object store (training.shard_store.ReadPolicy).
+    composited over. ccm: decode the CCM members and add ``ccm`` to the batch (no training
+    objective reads it; its 16-bit PNGs are the most expensive members to decode). batch_size:
+    samples per batch on one rank (the micro batch). reads: timeouts and retries of shards in an
+    object store (training.shard_store.ReadPolicy).
     """
 
     resolution: int
     batch_size: int = 1
     num_views: int = TRAIN_NUM_VIEWS
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ccm: bool = False
     shuffle_buffer: int = 64
     shuffle_initial: int = 16
     num_workers: int = 2
@@ -101,29 +105,27 @@ def shard_files(urls: list[str], reads: ReadPolicy, on_broken: Callable[[str, Ex
 
 
 # ----------------------------------------------------------------------------- one sample
-def decode_views(sample: dict, frames) -> dict:
+def decode_views(sample: dict, frames, ccm: bool = False) -> OrbitRender:
     """Decode the selected frames of one raw shard sample (members of docs/design.md section 3).
 
     Every member of the contract must be present (an incomplete sample is corrupt), but only
-    the selected frames' PNGs are decoded.
+    the selected frames' PNGs are decoded, their CCM PNGs only with ``ccm``.
 
     Args:
         sample: WebDataset sample dict (``__key__`` and ``<ii>.rgba.png``, ``<ii>.ccm.png``,
             ``cameras.npy``, ``intrinsics.npy``, ``json`` as bytes).
         frames: [V] frame indices.
     Returns:
-        dict(rgba uint8 [V,H,W,4], ccm float32 [V,H,W,3] in [0,1], c2w float64 [V,4,4],
-        K float64 [V,3,3] in pixels of H, meta dict)
+        OrbitRender of the V frames (``shards.decode_sample``), square frames.
     Raises:
         CorruptSampleError
     """
-    views = decode_sample(sample, frames)
-    height, width = views["rgba"].shape[1:3]
+    orbit = decode_sample(sample, frames, ccm)
+    height, width = orbit.rgba.shape[1:3]
     if height != width:
-        raise CorruptSampleError(views["key"], f"{views['key']}.{frames[0]:02d}.rgba.png",
+        raise CorruptSampleError(orbit.key, f"{orbit.key}.{frames[0]:02d}.rgba.png",
                                  f"not square: {(height, width)}")
-    return dict(rgba=views["rgba"], ccm=views["ccm"], c2w=views["c2w"].astype(np.float64),
-                K=views["K"].astype(np.float64), meta=views["meta"])
+    return orbit
 
 
 def condition_frame(seed: int, epoch: int, key: str) -> int:
@@ -159,37 +161,48 @@ def ccm_to_model_frame(ccm: torch.Tensor, mask: torch.Tensor, T: np.ndarray) -> 
     return torch.where(mask, rotated, torch.zeros_like(rotated))
 
 
-def to_training_views(views: dict, resolution: int, background) -> dict:
+def resize_ccm(ccm: np.ndarray, resolution: int) -> torch.Tensor:
+    """CCM frames [V, H, W, 3] -> [V, 3, R, R], nearest-exact (pixel-centre) sampling, so every
+    value is a real surface point and no value is blended across a depth edge."""
+    ccm = torch.from_numpy(ccm).permute(0, 3, 1, 2)
+    if ccm.shape[-1] != resolution:
+        ccm = F.interpolate(ccm, size=resolution, mode="nearest-exact")
+    return ccm
+
+
+def to_training_views(orbit: OrbitRender, resolution: int, background) -> dict:
     """Decoded views -> one training sample in the model frame at the model resolution.
 
-    RGB and alpha are resized with antialiasing (compositing first is exact: both are linear).
-    The CCM is resampled with nearest-exact (pixel-centre) sampling, so every value is a real
-    surface point and no value is blended across a depth edge.
+    RGB and alpha are resized with antialiasing (compositing first is exact: both are linear);
+    the CCM, when the orbit holds one, with :func:`resize_ccm`.
 
     Args:
-        views: output of :func:`decode_views` (view 0 = condition).
+        orbit: the views (:func:`decode_views`, or a render of the training frames), view 0 =
+            condition.
     Returns:
-        dict(images [V,3,R,R] in [-1,1], alphas [V,1,R,R], ccm [V,3,R,R], c2w [V,4,4] model
-        frame, K [V,3,3] pixels at R), all float32 tensors.
+        dict(images [V,3,R,R] in [-1,1], alphas [V,1,R,R], c2w [V,4,4] model frame, K [V,3,3]
+        pixels at R, and ccm [V,3,R,R] model frame when ``orbit.ccm`` is not None), all float32
+        tensors.
     """
-    rgba = torch.from_numpy(views["rgba"]).permute(0, 3, 1, 2).float() / 255.0
+    rgba = torch.from_numpy(orbit.rgba).permute(0, 3, 1, 2).float() / 255.0
     rgb, alpha = composite_over(rgba, background)
-    ccm = torch.from_numpy(views["ccm"]).permute(0, 3, 1, 2)
     size = rgba.shape[-1]
     if size != resolution:
         rgb = F.interpolate(rgb, size=resolution, mode="bilinear", antialias=True, align_corners=False)
         alpha = F.interpolate(alpha, size=resolution, mode="bilinear", antialias=True, align_corners=False)
-        ccm = F.interpolate(ccm, size=resolution, mode="nearest-exact")
-    c2w, T = to_condition_frame(views["c2w"])
-    K = views["K"].copy()
+    c2w, T = to_condition_frame(orbit.c2w)
+    K = orbit.K.copy()
     K[:, :2] *= resolution / size
-    return dict(
+    views = dict(
         images=(rgb.clamp(0, 1) * 2.0 - 1.0).contiguous(),
         alphas=alpha.clamp(0, 1).contiguous(),
-        ccm=ccm_to_model_frame(ccm, (ccm > 0).any(1, keepdim=True), T).contiguous(),
         c2w=torch.from_numpy(c2w).float(),
-        K=torch.from_numpy(K).float(),
+        K=torch.from_numpy(K),
     )
+    if orbit.ccm is not None:
+        ccm = resize_ccm(orbit.ccm, resolution)
+        views["ccm"] = ccm_to_model_frame(ccm, (ccm > 0).any(1, keepdim=True), T).contiguous()
+    return views
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -270,8 +283,8 @@ class ShardStream(IterableDataset):
                 key = raw.get("__key__", "?")
                 try:
                     s = condition_frame(self.cfg.seed, epoch, key)
-                    views = decode_views(raw, training_frame_indices(s, self.cfg.num_views))
-                    sample = to_training_views(views, self.cfg.resolution, self.cfg.background)
+                    orbit = decode_views(raw, training_frame_indices(s, self.cfg.num_views), self.cfg.ccm)
+                    sample = to_training_views(orbit, self.cfg.resolution, self.cfg.background)
                 except (ValueError, np.linalg.LinAlgError) as exc:  # CorruptSampleError is a ValueError
                     skips.samples += 1
                     log.warning("skipping corrupt sample %s from %s: %s", key, raw.get("__url__"), exc)
@@ -291,7 +304,7 @@ class ShardStream(IterableDataset):
 def collate(items: list) -> dict:
     """Stack samples into the training batch (docs/interfaces.md); keep the last sample's position."""
     samples = [s for s, _ in items]
-    batch = {k: torch.stack([s[k] for s in samples]) for k in ("images", "alphas", "ccm", "c2w", "K")}
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "key"}
     batch["key"] = [s["key"] for s in samples]
     return dict(batch=batch, position=items[-1][1])
 
@@ -312,8 +325,8 @@ class StreamingLoader:
     """Endless iterator of training batches with a resumable position.
 
     ``iter(loader)`` yields batches dict(images [B,V,3,R,R] in [-1,1], alphas [B,V,1,R,R],
-    ccm [B,V,3,R,R], c2w [B,V,4,4], K [B,V,3,3], key list[str]); :meth:`state_dict` is the
-    position after the last batch yielded.
+    c2w [B,V,4,4], K [B,V,3,3], key list[str], and ccm [B,V,3,R,R] with ``LoaderConfig.ccm``);
+    :meth:`state_dict` is the position after the last batch yielded.
     """
 
     def __init__(self, shards: str | list[str], cfg: LoaderConfig):
