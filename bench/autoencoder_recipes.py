@@ -61,6 +61,7 @@ from data_pipeline.atomic import atomic_path  # noqa: E402
 from data_pipeline.conventions import NUM_FRAMES, training_frame_indices  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
 from model.config import preset  # noqa: E402
+from model.svd import to_vae_pixels  # noqa: E402
 from training.autoencoder import (  # noqa: E402
     autoencoder_loss, chroma, cosine_lr, luma, psnr_signed, roundtrip, save_roundtrip_picture)
 from training.autoencoder_recipe import AUGMENT_MODES, augment_views, init_linear_path  # noqa: E402
@@ -75,7 +76,7 @@ def load_orbits(pattern: str, background: float = 1.0) -> tuple[torch.Tensor, li
     for url in expand_shards(pattern):
         for sample in iter_shard(url):
             views = decode_views(sample, np.arange(NUM_FRAMES))
-            orbits.append(to_training_views(views, RESOLUTION, [background] * 3)["images"])
+            orbits.append(to_vae_pixels(to_training_views(views, RESOLUTION, [background] * 3)["images"]))
             names.append(sample["__key__"].rsplit("_o", 1)[0])
     if not orbits:
         raise SystemExit(f"no orbits in {pattern}")

@@ -124,9 +124,9 @@ def recentre(rgba: np.ndarray, size: int, fill: float, path: str = "image") -> n
 
 
 def condition_image(rgba: np.ndarray, background: float) -> torch.Tensor:
-    """Composite over the model's background. Returns [1, 3, H, W] in [-1, 1]."""
+    """Composite over the model's background. Returns [1, 3, H, W] in [0, 1]."""
     rgb = rgba[..., :3] * rgba[..., 3:] + background * (1.0 - rgba[..., 3:])
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() * 2.0 - 1.0
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
 
 
 def view_cameras(num_views: int, elevation: float, resolution: int, step_deg: float = 45.0):
@@ -237,8 +237,8 @@ def main(argv=None) -> int:
                              args.orbit_frames, bg)  # fmt: skip
 
     args.output.mkdir(parents=True, exist_ok=True)
-    save_png(args.output / "input.png", to_uint8((cond[0] + 1) / 2))
-    save_png(args.output / "views.png", views_grid(((out.views[0] + 1) / 2).clamp(0, 1)))
+    save_png(args.output / "input.png", to_uint8(cond[0]))
+    save_png(args.output / "views.png", views_grid(out.views[0]))
     save_ply(out.gaussians[0].detach().cpu(), args.output / "gaussians.ply")
     write_mp4(args.output / "orbit.mp4", video)
     written = ["input.png", "views.png", "gaussians.ply", "orbit.mp4"]

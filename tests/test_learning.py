@@ -22,6 +22,7 @@ import torch
 from data_pipeline.shards import iter_shard, list_shards
 from model.config import preset
 from model.ouroboros import Ouroboros3D
+from model.svd import from_vae_pixels, to_vae_pixels
 from training.loader import decode_views, to_training_views
 from data_pipeline.conventions import training_frame_indices
 from data_paths import REPO
@@ -135,8 +136,8 @@ def test_autoencoder_trainer_output_loads_and_round_trips(demo_shards, tmp_path)
     images = _orbit_batch(demo_shards)["images"]
 
     def psnr(vae) -> float:
-        recon = ((roundtrip(vae, images) + 1) / 2).clamp(0, 1)
-        return float(-10 * torch.log10((recon - (images + 1) / 2).pow(2).mean()))
+        recon = from_vae_pixels(roundtrip(vae, to_vae_pixels(images)))
+        return float(-10 * torch.log10((recon - images).pow(2).mean()))
 
     with torch.no_grad():
         good, bad = psnr(trained), psnr(random_vae)
@@ -167,7 +168,7 @@ def test_autoencoder_trainer_writes_a_coherent_folder_for_a_wider_latent(demo_sh
     assert (model.denoiser.unet.config.in_channels, model.denoiser.unet.config.out_channels) == (16, 8)
     images = _orbit_batch(demo_shards)["images"]
     with torch.no_grad():
-        z = model.vae.encode(images.flatten(0, 1)).latent_dist.mode()
+        z = model.vae.encode(to_vae_pixels(images.flatten(0, 1))).latent_dist.mode()
     assert z.shape == (images.shape[0] * images.shape[1], 8, 8, 8)
 
 

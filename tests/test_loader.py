@@ -102,12 +102,12 @@ def test_batch_layout_frames_and_model_frame(shards):
         uid, orbit = key.rsplit("_o", 1)
         elevation, azimuth0 = cv.draw_orbit(uid, int(orbit))
         # which frames: red channel codes the frame index (centre pixel is opaque)
-        red = (batch["images"][b, :, 0, RES // 2, RES // 2] + 1) / 2 * 255
+        red = batch["images"][b, :, 0, RES // 2, RES // 2] * 255
         frames = np.round(red.numpy() / 10).astype(int)
         s = frames[0]
         np.testing.assert_array_equal(frames, [(s + 2 * k) % 16 for k in range(8)])
         # background: corner pixels are fully transparent -> the background colour
-        corner = (batch["images"][b, :, :, 0, 0] + 1) / 2
+        corner = batch["images"][b, :, :, 0, 0]
         np.testing.assert_allclose(corner.numpy(), np.broadcast_to(BG, (8, 3)), atol=1e-6)
         assert torch.all(batch["alphas"][b, :, :, 0, 0] == 0)
         assert torch.all(batch["alphas"][b, :, :, RES // 2, RES // 2] == 1)

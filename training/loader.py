@@ -180,7 +180,7 @@ def to_training_views(orbit: OrbitRender, resolution: int, background) -> dict:
         orbit: the views (:func:`decode_views`, or a render of the training frames), view 0 =
             condition.
     Returns:
-        dict(images [V,3,R,R] in [-1,1], alphas [V,1,R,R], c2w [V,4,4] model frame, K [V,3,3]
+        dict(images [V,3,R,R] in [0,1], alphas [V,1,R,R], c2w [V,4,4] model frame, K [V,3,3]
         pixels at R, and ccm [V,3,R,R] model frame when ``orbit.ccm`` is not None), all float32
         tensors.
     """
@@ -194,7 +194,7 @@ def to_training_views(orbit: OrbitRender, resolution: int, background) -> dict:
     K = orbit.K.copy()
     K[:, :2] *= resolution / size
     views = dict(
-        images=(rgb.clamp(0, 1) * 2.0 - 1.0).contiguous(),
+        images=rgb.clamp(0, 1).contiguous(),
         alphas=alpha.clamp(0, 1).contiguous(),
         c2w=torch.from_numpy(c2w).float(),
         K=torch.from_numpy(K),
@@ -324,7 +324,7 @@ def _single_threaded_opencv() -> None:
 class StreamingLoader:
     """Endless iterator of training batches with a resumable position.
 
-    ``iter(loader)`` yields batches dict(images [B,V,3,R,R] in [-1,1], alphas [B,V,1,R,R],
+    ``iter(loader)`` yields batches dict(images [B,V,3,R,R] in [0,1], alphas [B,V,1,R,R],
     c2w [B,V,4,4], K [B,V,3,3], key list[str], and ccm [B,V,3,R,R] with ``LoaderConfig.ccm``);
     :meth:`state_dict` is the position after the last batch yielded.
     """
