@@ -277,8 +277,8 @@ class Ouroboros3D(nn.Module):
         """Algorithm 1: EDM diffusion loss with 3D-aware self-conditioning + LGM loss (Eq. 2).
 
         ``batch`` (docs/interfaces.md): images [B, V, 3, H, W] in [0, 1] over the background,
-        alphas [B, V, 1, H, W], ccm, c2w [B, V, 4, 4] model frame, K [B, V, 3, 3] pixels at H,
-        view 0 the condition image.
+        alphas [B, V, 1, H, W], c2w [B, V, 4, 4] model frame, K [B, V, 3, 3] pixels at H, view 0
+        the condition image (a ``ccm`` entry is not read).
 
         1. ``ln s ~ N(1.0, 1.6^2)``; x = x_0 + s n (x_0: VAE latents of the views).
         2. First pass with zero feedback -> x0_hat (without grad if a second pass follows).

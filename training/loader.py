@@ -2,8 +2,10 @@
 
 One shard sample is one (object, orbit) with 16 frames. Per sample the loader picks the
 condition frame ``s`` (seeded), keeps frames ``s, s+2, ..., s+14 (mod 16)`` (docs/design.md section 4),
+decodes them into a ``data_pipeline.render.OrbitRender`` (the CCM only with ``LoaderConfig.ccm``),
 composites RGBA over the background, resizes to the model resolution, and expresses cameras
-and CCM in the model frame of the condition view (``conventions.to_condition_frame``).
+(and CCM) in the model frame of the condition view (``conventions.to_condition_frame``). Images
+are in [0, 1] (docs/interfaces.md, "Values from shard to network").
 
 Streaming and determinism
     Each rank and DataLoader worker reads an endless stream of epochs. Epoch ``e`` shuffles
