@@ -1,7 +1,8 @@
-"""Loader throughput: samples/s of training.loader on 512 px shards (8 RGBA + 8 CCM frames decoded).
+"""Loader throughput: samples/s of training.loader on 512 px shards (8 RGBA frames decoded, as the
+trainer's loader; ``--ccm`` decodes the 8 CCM frames too).
 
     python bench/bench_loader.py [--shards DIR | s3://bucket/prefix] [--resolution 512]
-        [--model-resolution 512] [--samples 24] [--workers 0 1 2]
+        [--model-resolution 512] [--samples 24] [--workers 0 1 2] [--ccm]
     python bench/bench_loader.py --compare-s3 [--shards DIR] [--repeats 3] ...
 
 Without ``--shards`` it writes synthetic shards in the docs/design.md section 3 format: an object disc
@@ -77,9 +78,9 @@ def write_synthetic(folder: Path, count: int, size: int) -> None:
             sink.write(synthetic_sample(f"bench{n}", size, rng))
 
 
-def measure(pattern: str, resolution: int, workers: int, samples: int) -> float:
+def measure(pattern: str, resolution: int, workers: int, samples: int, ccm: bool = False) -> float:
     cfg = LoaderConfig(resolution=resolution, batch_size=1, num_workers=workers, shuffle_buffer=4,
-                       shuffle_initial=1)
+                       shuffle_initial=1, ccm=ccm)
     it = iter(StreamingLoader(pattern, cfg))
     for _ in range(max(workers, 1)):  # warm up: worker start-up is not throughput
         next(it)
@@ -136,7 +137,7 @@ def compare_s3(folder: str, args) -> None:
             rates = {"local": [], "s3": []}
             for _ in range(args.repeats):
                 for name, pattern in (("local", folder), ("s3", url)):
-                    rates[name].append(measure(pattern, args.model_resolution, w, args.samples))
+                    rates[name].append(measure(pattern, args.model_resolution, w, args.samples, args.ccm))
             local, s3 = (statistics.median(rates[n]) for n in ("local", "s3"))
             print(f"workers={w}: local {local:.2f} samples/s, s3 {s3:.2f} samples/s, s3/local "
                   f"{s3 / local:.2f} (medians of {args.repeats}; local "
@@ -153,6 +154,7 @@ def main() -> None:
     p.add_argument("--compare-s3", action="store_true",
                    help="the same shards from a local S3 server (moto) and from a local folder (--shards: a folder)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per source with --compare-s3")
+    p.add_argument("--ccm", action="store_true", help="decode the CCM members too (LoaderConfig.ccm)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         pattern = args.shards
@@ -161,14 +163,15 @@ def main() -> None:
             pattern = tmp
             size = os.path.getsize(Path(tmp) / "shard-000000.tar") / (args.samples + 4)
             print(f"synthetic shard: {args.resolution} px, {size / 1e6:.1f} MB per sample")
-        print(f"machine: {os.cpu_count()} CPU cores; model resolution {args.model_resolution}")
+        print(f"machine: {os.cpu_count()} CPU cores; model resolution {args.model_resolution}; "
+              f"CCM {'decoded' if args.ccm else 'not decoded'}")
         if args.compare_s3:
             if not os.path.isdir(pattern):
                 p.error(f"--compare-s3 uploads a local folder of shards; --shards {pattern} is not one")
             compare_s3(pattern, args)
             return
         for w in args.workers:
-            rate = measure(pattern, args.model_resolution, w, args.samples)
+            rate = measure(pattern, args.model_resolution, w, args.samples, args.ccm)
             per = rate / max(w, 1)
             print(f"workers={w}: {rate:.2f} samples/s ({per:.2f} per worker)")
 

@@ -36,7 +36,7 @@ def make_batch(resolution: int, views: int, device) -> dict:
     c2w = torch.tensor(orbit_c2w(10.0, np.arange(views) * 360.0 / views), dtype=torch.float32)[None]
     K = torch.tensor(intrinsics(DEFAULT_FOV_DEG, resolution), dtype=torch.float32).expand(1, views, 3, 3)
     alphas = (torch.rand(1, views, 1, resolution, resolution, generator=gen) > 0.3).float()
-    images = (torch.rand(1, views, 3, resolution, resolution, generator=gen) * 2 - 1) * alphas + (1 - alphas)
+    images = torch.rand(1, views, 3, resolution, resolution, generator=gen) * alphas + (1 - alphas)
     batch = dict(images=images, alphas=alphas, ccm=torch.rand_like(images) * alphas, c2w=c2w, K=K.clone())
     return {k: v.to(device) for k, v in batch.items()} | {"key": ["bench_o0"]}
 

@@ -41,7 +41,7 @@ def random_batches(resolution: int, num_views: int, batch_size: int = 1):
     B, V, R = batch_size, num_views, resolution
     while True:
         yield dict(
-            images=torch.rand(B, V, 3, R, R, generator=g) * 2 - 1,
+            images=torch.rand(B, V, 3, R, R, generator=g),
             alphas=torch.ones(B, V, 1, R, R),
             ccm=torch.rand(B, V, 3, R, R, generator=g),
             c2w=torch.tensor(c2w, dtype=torch.float32).expand(B, V, 4, 4).clone(),

@@ -225,7 +225,7 @@ def check_sampling(table: Table, model, num_steps: int, device: torch.device) ->
     model.eval()
     V, H = model.config.num_views, model.config.resolution
     c2w, K = orbit_cameras(V, H, device)
-    cond = torch.rand(1, 3, H, H, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    cond = torch.rand(1, 3, H, H, generator=torch.Generator().manual_seed(0)).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     out, seconds = timed(lambda: model.sample(cond, c2w, K, num_steps=num_steps, generator=generator,
                                               progress=False), device)

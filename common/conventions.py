@@ -279,12 +279,21 @@ def sample_key(uid: str, orbit_index: int) -> str:
     return f"{uid}_o{orbit_index}"
 
 
-def key_uid(key: str) -> str:
-    """The uid of a sample key ``<uid>_o<k>`` (inverse of :func:`sample_key`)."""
+def _split_key(key: str) -> tuple[str, int]:
     uid, sep, orbit = key.rpartition("_o")
     if not sep or not orbit.isdigit():
         raise ValueError(f"{key!r} is not a sample key <uid>_o<k>")
-    return uid
+    return uid, int(orbit)
+
+
+def key_uid(key: str) -> str:
+    """The uid of a sample key ``<uid>_o<k>`` (inverse of :func:`sample_key`)."""
+    return _split_key(key)[0]
+
+
+def key_orbit(key: str) -> int:
+    """The orbit index k of a sample key ``<uid>_o<k>`` (inverse of :func:`sample_key`)."""
+    return _split_key(key)[1]
 
 
 def frame_member(key: str, frame: int, kind: str) -> str:

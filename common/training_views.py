@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from common.conventions import to_condition_frame
+from common.orbit import OrbitRender
 
 
 def composite_over(rgba: torch.Tensor, background) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,36 +44,45 @@ def ccm_to_model_frame(ccm: torch.Tensor, mask: torch.Tensor, T: np.ndarray) -> 
     return torch.where(mask, rotated, torch.zeros_like(rotated))
 
 
-def to_training_views(views: dict, resolution: int, background) -> dict:
+def resize_ccm(ccm: np.ndarray, resolution: int) -> torch.Tensor:
+    """CCM frames [V, H, W, 3] -> [V, 3, R, R], nearest-exact (pixel-centre) sampling, so every
+    value is a real surface point and no value is blended across a depth edge."""
+    ccm = torch.from_numpy(ccm).permute(0, 3, 1, 2)
+    if ccm.shape[-1] != resolution:
+        ccm = F.interpolate(ccm, size=resolution, mode="nearest-exact")
+    return ccm
+
+
+def to_training_views(orbit: OrbitRender, resolution: int, background) -> dict:
     """Decoded views -> one training sample in the model frame at the model resolution.
 
-    RGB and alpha are resized with antialiasing (compositing first is exact: both are linear).
-    The CCM is resampled with nearest-exact (pixel-centre) sampling, so every value is a real
-    surface point and no value is blended across a depth edge.
+    RGB and alpha are resized with antialiasing (compositing first is exact: both are linear);
+    the CCM, when the orbit holds one, with :func:`resize_ccm`.
 
     Args:
-        views: decoded frames (``training.loader.decode_views``, or the benchmark's renders):
-            dict(rgba uint8 [V,H,W,4], ccm float32 [V,H,W,3], c2w [V,4,4], K [V,3,3]); view 0 =
+        orbit: the views (``training.loader.decode_views``, or a render of the training frames), view 0 =
             condition.
     Returns:
-        dict(images [V,3,R,R] in [-1,1], alphas [V,1,R,R], ccm [V,3,R,R], c2w [V,4,4] model
-        frame, K [V,3,3] pixels at R), all float32 tensors.
+        dict(images [V,3,R,R] in [0,1], alphas [V,1,R,R], c2w [V,4,4] model frame, K [V,3,3]
+        pixels at R, and ccm [V,3,R,R] model frame when ``orbit.ccm`` is not None), all float32
+        tensors.
     """
-    rgba = torch.from_numpy(views["rgba"]).permute(0, 3, 1, 2).float() / 255.0
+    rgba = torch.from_numpy(orbit.rgba).permute(0, 3, 1, 2).float() / 255.0
     rgb, alpha = composite_over(rgba, background)
-    ccm = torch.from_numpy(views["ccm"]).permute(0, 3, 1, 2)
     size = rgba.shape[-1]
     if size != resolution:
         rgb = F.interpolate(rgb, size=resolution, mode="bilinear", antialias=True, align_corners=False)
         alpha = F.interpolate(alpha, size=resolution, mode="bilinear", antialias=True, align_corners=False)
-        ccm = F.interpolate(ccm, size=resolution, mode="nearest-exact")
-    c2w, T = to_condition_frame(views["c2w"])
-    K = views["K"].copy()
+    c2w, T = to_condition_frame(orbit.c2w)
+    K = orbit.K.copy()
     K[:, :2] *= resolution / size
-    return dict(
-        images=(rgb.clamp(0, 1) * 2.0 - 1.0).contiguous(),
+    views = dict(
+        images=rgb.clamp(0, 1).contiguous(),
         alphas=alpha.clamp(0, 1).contiguous(),
-        ccm=ccm_to_model_frame(ccm, (ccm > 0).any(1, keepdim=True), T).contiguous(),
         c2w=torch.from_numpy(c2w).float(),
-        K=torch.from_numpy(K).float(),
+        K=torch.from_numpy(K),
     )
+    if orbit.ccm is not None:
+        ccm = resize_ccm(orbit.ccm, resolution)
+        views["ccm"] = ccm_to_model_frame(ccm, (ccm > 0).any(1, keepdim=True), T).contiguous()
+    return views

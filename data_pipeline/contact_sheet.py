@@ -13,6 +13,8 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.orbit import OrbitRender
+
 GREY = 128
 FRAMES = (0, 4, 8, 12)
 TILE = 96
@@ -26,21 +28,21 @@ def over_grey(rgba: np.ndarray) -> np.ndarray:
     return np.round(rgb).astype(np.uint8)
 
 
-def object_row(sample: dict, frames=FRAMES, tile: int = TILE) -> np.ndarray:
-    """A decoded sample -> RGB uint8 [tile, 2 * len(frames) * tile, 3]: RGBA frames, then CCMs."""
-    tiles = [over_grey(sample["rgba"][i]) for i in frames]
-    tiles += [np.round(sample["ccm"][i] * 255).astype(np.uint8) for i in frames]
+def object_row(orbit: OrbitRender, frames=FRAMES, tile: int = TILE) -> np.ndarray:
+    """A decoded orbit -> RGB uint8 [tile, 2 * len(frames) * tile, 3]: RGBA frames, then CCMs."""
+    tiles = [over_grey(orbit.rgba[i]) for i in frames]
+    tiles += [np.round(orbit.ccm[i] * 255).astype(np.uint8) for i in frames]
     resized = [np.asarray(Image.fromarray(t).resize((tile, tile), Image.NEAREST)) for t in tiles]
     return np.concatenate(resized, axis=1)
 
 
-def labelled_row(sample: dict, frames=FRAMES, tile: int = TILE) -> np.ndarray:
+def labelled_row(orbit: OrbitRender, frames=FRAMES, tile: int = TILE) -> np.ndarray:
     """:func:`object_row` under a band with the object's uid: RGB uint8
     [LABEL_HEIGHT + tile, 2 * len(frames) * tile, 3], whatever the render's resolution."""
     band = Image.new("RGB", (2 * len(frames) * tile, LABEL_HEIGHT), (32, 32, 32))
-    ImageDraw.Draw(band).text((3, 1), f"{sample['meta'].get('uid', sample['key'])}  (RGBA | CCM)",
+    ImageDraw.Draw(band).text((3, 1), f"{orbit.meta.get('uid', orbit.key)}  (RGBA | CCM)",
                               fill=(230, 230, 230))
-    return np.concatenate([np.asarray(band), object_row(sample, frames, tile)], axis=0)
+    return np.concatenate([np.asarray(band), object_row(orbit, frames, tile)], axis=0)
 
 
 def contact_sheet(rows_png: list[bytes], max_objects: int = 16) -> bytes | None:

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from common import conventions as C
+from common.orbit import OrbitRender
 from data_pipeline.blender_process import BlenderProcess
 
 SUPPORTED_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
@@ -74,18 +75,6 @@ class RenderSettings:
     def frame_indices(self) -> np.ndarray:
         """Indices of the orbit frames to render. Returns int [F]."""
         return np.arange(C.NUM_FRAMES) if self.frames is None else np.asarray(self.frames)
-
-
-@dataclass
-class OrbitRender:
-    """One orbit of one object. F = 16 frames unless ``RenderSettings.frames`` chose fewer."""
-
-    orbit: int
-    rgba: np.ndarray  # uint8 [F, H, W, 4], straight alpha
-    ccm: np.ndarray  # float32 [F, H, W, 3] in [0, 1], 0 where alpha == 0
-    c2w: np.ndarray  # float32 [F, 4, 4] OpenCV axes, world = normalised object frame
-    K: np.ndarray  # float32 [F, 3, 3] pixels
-    meta: dict  # the sample's <key>.json (docs/design.md section 3)
 
 
 class RenderError(RuntimeError):
@@ -299,6 +288,6 @@ def render_object(mesh_path, uid: str, settings: RenderSettings = RenderSettings
             "project_version": project_version(),
             "warnings": worker_meta["warnings"],
         }
-        results.append(OrbitRender(orbit=k, rgba=rgba, ccm=ccm, c2w=cams["c2w"].astype(np.float32),
+        results.append(OrbitRender(key=C.sample_key(uid, k), rgba=rgba, ccm=ccm, c2w=cams["c2w"].astype(np.float32),
                                    K=np.array(cams["K"], dtype=np.float32), meta=meta))
     return results

@@ -91,7 +91,7 @@ def render_one(record: ObjectRecord, settings: RenderSettings,
     try:
         path = resolve_path(record)
         renders = render_object(path, record.uid, settings, source=record.source, worker=worker)
-        samples = encode_object(renders, record.uid)
+        samples = encode_object(renders)
         size = record.size if record.sha256 else os.path.getsize(path)
         sha = record.sha256 or file_sha256(path)
     except RenderError as error:

@@ -24,7 +24,7 @@ import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -36,11 +36,8 @@ from common.conventions import (
     encode_ccm_png,
     frame_member,
     key_uid,
-    sample_key,
 )
-
-if TYPE_CHECKING:
-    from data_pipeline.render import OrbitRender
+from common.orbit import OrbitRender
 
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_GLOB = "shard-*.tar"
@@ -106,14 +103,15 @@ def _npy_array(data: bytes, shape: tuple, key: str, member: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- samples
-def encode_sample(render: "OrbitRender", key: str) -> dict:
-    """One orbit render -> a webdataset sample dict (``__key__`` + member suffix -> bytes).
+def encode_sample(render: OrbitRender) -> dict:
+    """One orbit render -> a webdataset sample dict (``__key__`` = ``render.key`` + member suffix
+    -> bytes).
 
     Args:
         render: rgba uint8 [16, H, W, 4], ccm float32 [16, H, W, 3] in [0, 1], c2w [16, 4, 4],
             K [16, 3, 3], meta dict (JSON-serialisable).
-        key: ``sample_key(uid, orbit)``.
     """
+    key = render.key
     rgba = np.asarray(render.rgba)
     ccm = np.asarray(render.ccm)
     frames, height, width = rgba.shape[:3]
@@ -132,15 +130,17 @@ def encode_sample(render: "OrbitRender", key: str) -> dict:
     return sample
 
 
-def decode_sample(sample: dict, frames=None) -> dict:
-    """A raw webdataset sample (member suffix -> bytes, no ``.decode()``) -> arrays.
+def decode_sample(sample: dict, frames=None, ccm: bool = True) -> OrbitRender:
+    """A raw webdataset sample (member suffix -> bytes, no ``.decode()``) -> its orbit.
 
     Every member of the contract must be present (an incomplete sample is corrupt), but only
-    the PNGs of ``frames`` (default: all 16, in order) are decoded.
+    the PNGs of ``frames`` (default: all 16, in order) are decoded, and the CCM PNGs only with
+    ``ccm`` (the 16-bit CCM PNGs cost more to decode than the RGBA ones).
 
     Returns:
-        dict(key, rgba uint8 [F, H, W, 4], ccm float32 [F, H, W, 3], c2w float32 [F, 4, 4],
-        K float32 [F, 3, 3], meta dict) for the F selected frames.
+        OrbitRender of the F selected frames: key, rgba uint8 [F, H, W, 4], ccm float32
+        [F, H, W, 3] in [0, 1] (None without ``ccm``), c2w float32 [F, 4, 4], K float32
+        [F, 3, 3], meta dict.
     Raises:
         CorruptSampleError naming the key and member when a member is missing or malformed.
     """
@@ -155,13 +155,14 @@ def decode_sample(sample: dict, frames=None) -> dict:
     names = {(i, kind): frame_member(key, i, kind) for i in range(NUM_FRAMES) for kind in ("rgba", "ccm")}
     for name in names.values():
         member(_suffix(name, key))
-    rgba, ccm = [], []
+    rgba, ccms = [], []
     for i in frames:
         name = names[i, "rgba"]
         rgba.append(_png_array(member(_suffix(name, key)), 4, np.uint8, key, name))
-        name = names[i, "ccm"]
-        ccm.append(decode_ccm_png(_png_array(member(_suffix(name, key)), 3, np.uint16, key, name)))
-    sizes = {frame.shape[:2] for frame in rgba + ccm}
+        if ccm:
+            name = names[i, "ccm"]
+            ccms.append(decode_ccm_png(_png_array(member(_suffix(name, key)), 3, np.uint16, key, name)))
+    sizes = {frame.shape[:2] for frame in rgba + ccms}
     if len(sizes) != 1:
         raise CorruptSampleError(key, f"{key}.*.png", f"frames differ in size: {sorted(sizes)}")
     try:
@@ -172,12 +173,13 @@ def decode_sample(sample: dict, frames=None) -> dict:
         raise CorruptSampleError(key, f"{key}.json", "is not a JSON object")
     c2w = _npy_array(member("cameras.npy"), (NUM_FRAMES, 4, 4), key, f"{key}.cameras.npy")
     K = _npy_array(member("intrinsics.npy"), (NUM_FRAMES, 3, 3), key, f"{key}.intrinsics.npy")
-    return dict(key=key, rgba=np.stack(rgba), ccm=np.stack(ccm), c2w=c2w[frames], K=K[frames], meta=meta)
+    return OrbitRender(key=key, rgba=np.stack(rgba), ccm=np.stack(ccms) if ccm else None,
+                       c2w=c2w[frames], K=K[frames], meta=meta)
 
 
-def encode_object(renders: list["OrbitRender"], uid: str) -> list[dict]:
+def encode_object(renders: list[OrbitRender]) -> list[dict]:
     """All orbits of one object -> its samples, keys ``<uid>_o<k>``."""
-    return [encode_sample(render, sample_key(uid, render.orbit)) for render in renders]
+    return [encode_sample(render) for render in renders]
 
 
 def iter_shard(path: str | Path) -> Iterator[dict]:

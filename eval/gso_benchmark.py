@@ -128,16 +128,15 @@ def render_ground_truth(obj: gso.GSOObject, resolution: int, samples: int, devic
 
 
 def ground_truth_views(orbit, resolution: int, background: float) -> dict:
-    """Rendered frames -> the model's view set, exactly as the training loader builds it.
+    """Rendered frames (an ``OrbitRender``) -> the model's view set, exactly as the training
+    loader builds it.
 
     Returns:
-        dict(images [8,3,R,R] in [-1,1], alphas, ccm, c2w [8,4,4] model frame, K [8,3,3]).
+        dict(images [8,3,R,R] in [0,1], alphas, ccm, c2w [8,4,4] model frame, K [8,3,3]).
     """
     from common.training_views import to_training_views
 
-    views = dict(rgba=orbit.rgba, ccm=orbit.ccm, c2w=orbit.c2w.astype(np.float64),
-                 K=orbit.K.astype(np.float64), meta=orbit.meta)  # fmt: skip
-    return to_training_views(views, resolution, [background] * 3)
+    return to_training_views(orbit, resolution, [background] * 3)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -158,7 +157,7 @@ def generate(model, gt: dict, steps: int | None, feedback_every: int, seed: int,
         out = model.sample(cond, c2w, K, num_steps=steps, feedback_every=feedback_every,
                            generator=generator, progress=False, use_feedback=use_feedback)  # fmt: skip
     seconds = time.perf_counter() - start
-    return dict(views=((out.views[0] + 1) / 2).clamp(0, 1).float().cpu(),
+    return dict(views=out.views[0].float().cpu(),
                 renders=out.renders["rgb"][0].clamp(0, 1).float().cpu(), seconds=seconds,
                 gaussians=out.gaussians[0].float().cpu())  # fmt: skip
 
@@ -179,7 +178,7 @@ def evaluate_object(model, obj: gso.GSOObject, split: str, args, lpips_metric, d
     orbit = render_ground_truth(obj, args.resolution or cfg.resolution, args.render_samples,
                                 args.render_device, args.obj_up_axis)  # fmt: skip
     gt = ground_truth_views(orbit, cfg.resolution, float(cfg.background))
-    target = (gt["images"] + 1) / 2
+    target = gt["images"]
     gt_mesh = geometry.ground_truth_mesh(obj.mesh_path, orbit.meta["normalization"]["source_to_world"],
                                          condition_frame_transform(orbit.c2w[0]))  # fmt: skip
     seed = object_seed(args.seed, obj.name)

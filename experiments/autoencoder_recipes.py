@@ -63,8 +63,10 @@ from common.image_metrics import chroma, luma, luma_chroma_psnr, psnr  # noqa: E
 from common.training_views import to_training_views  # noqa: E402
 from data_pipeline.shards import iter_shard  # noqa: E402
 from model.config import preset  # noqa: E402
-from training.autoencoder import autoencoder_loss, cosine_lr, roundtrip, save_roundtrip_picture  # noqa: E402
+from model.svd import to_vae_pixels  # noqa: E402
+from training.autoencoder import autoencoder_loss, roundtrip, save_roundtrip_picture  # noqa: E402
 from training.autoencoder_recipe import AUGMENT_MODES, augment_views, init_linear_path  # noqa: E402
+from training.engine import lr_factor  # noqa: E402
 from training.loader import decode_views, expand_shards  # noqa: E402
 
 RESOLUTION = 64
@@ -76,7 +78,7 @@ def load_orbits(pattern: str, background: float = 1.0) -> tuple[torch.Tensor, li
     for url in expand_shards(pattern):
         for sample in iter_shard(url):
             views = decode_views(sample, np.arange(NUM_FRAMES))
-            orbits.append(to_training_views(views, RESOLUTION, [background] * 3)["images"])
+            orbits.append(to_vae_pixels(to_training_views(views, RESOLUTION, [background] * 3)["images"]))
             names.append(sample["__key__"].rsplit("_o", 1)[0])
     if not orbits:
         raise SystemExit(f"no orbits in {pattern}")
@@ -300,7 +302,7 @@ def main() -> None:
         x = x[:, training_frame_indices(int(torch.randint(NUM_FRAMES, (), generator=g)))]
         x = augment_views(x, g, args.augment)
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step - 1, args.steps, args.lr, 0.05)
+            group["lr"] = args.lr * lr_factor(step - 1, args.steps, schedule="cosine", min_lr_ratio=0.05)
         loss = loss_fn(x, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -237,7 +237,7 @@ class Generator:
             def callback(step, sigma, x, denoised, gaussians, renders):
                 if stop.is_set():
                     raise Cancelled()
-                views = (self.model.decode_latents(denoised)[0] + 1) / 2
+                views = self.model.decode_latents(denoised)[0]
                 picture = step_picture(views, None if renders is None else {k: renders[k][0] for k in ("rgb", "ccm")})
                 Image.fromarray(picture).save(out / "steps" / f"step_{step:03d}.png")
                 if step == 0:

@@ -152,9 +152,9 @@ def recentre(rgba: np.ndarray, size: int, fill: float, path: str = "image") -> n
 
 
 def condition_image(rgba: np.ndarray, background: float) -> torch.Tensor:
-    """Composite over the model's background. Returns [1, 3, H, W] in [-1, 1]."""
+    """Composite over the model's background. Returns [1, 3, H, W] in [0, 1]."""
     rgb = rgba[..., :3] * rgba[..., 3:] + background * (1.0 - rgba[..., 3:])
-    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() * 2.0 - 1.0
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
 
 
 def view_cameras(num_views: int, elevation: float, resolution: int, step_deg: float = 45.0):
@@ -293,7 +293,7 @@ def generate(model, prepared: np.ndarray, settings: Settings, device: torch.devi
         video = render_orbit(out.gaussians[:1], settings.elevation, cfg.resolution,
                              settings.orbit_frames, bg)  # fmt: skip
     timings = dict(sample_s=sampled - start, orbit_s=time.perf_counter() - sampled)
-    return Generated(condition=cond[0].cpu(), views=((out.views[0] + 1) / 2).clamp(0, 1).cpu(),
+    return Generated(condition=cond[0].cpu(), views=out.views[0].clamp(0, 1).cpu(),
                      gaussians=out.gaussians[0].detach().cpu(), video=video, steps=steps, timings=timings)  # fmt: skip
 
 
@@ -304,7 +304,7 @@ def write_outputs(result: Generated, output: str | Path, mesh: bool = True) -> t
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    save_png(output / "input.png", to_uint8((result.condition + 1) / 2))
+    save_png(output / "input.png", to_uint8(result.condition))
     save_png(output / "views.png", views_grid(result.views))
     save_ply(result.gaussians, output / "gaussians.ply")
     write_mp4(output / "orbit.mp4", result.video)

@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from model.config import ConditioningConfig
-from model.svd import vae_encoding
+from model.svd import to_vae_pixels, vae_encoding
 
 
 def clip_image_embedding(
@@ -27,20 +27,20 @@ def clip_image_embedding(
 ) -> torch.Tensor:
     """CLIP embedding of the condition image as SVD computes it.
 
-    The image is resized with antialiasing to the encoder's input size (SVD: 224), mapped to
+    The image is resized with antialiasing to the encoder's input size (SVD: 224), clamped to
     [0, 1] and normalised with the feature extractor's mean and std, in float32 whatever the
     encoder's dtype (antialiased resizes have no half-precision kernels on the CPU); only the
     normalised pixels are cast to the encoder's dtype.
 
     Args:
-        image: [B, 3, H, W] in [-1, 1].
+        image: [B, 3, H, W] in [0, 1].
     Returns:
         [B, 1, projection_dim]
     """
     crop = feature_extractor.crop_size
     size = (crop["height"], crop["width"])
     x = nnf.interpolate(image.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
-    x = ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+    x = x.clamp(0.0, 1.0)
     mean = torch.tensor(feature_extractor.image_mean, dtype=x.dtype, device=x.device)[:, None, None]
     std = torch.tensor(feature_extractor.image_std, dtype=x.dtype, device=x.device)[:, None, None]
     pixel_values = ((x - mean) / std).to(image_encoder.dtype)
@@ -53,17 +53,18 @@ def condition_latent(
     noise_aug_strength: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """VAE latent of the noise-augmented condition image (SVD: ``image + strength * n``, mode).
+    """VAE latent of the noise-augmented condition image (SVD: ``image + strength * n`` in the
+    VAE's [-1, 1] pixels, mode).
 
     The augmentation is computed in float32; the VAE encodes in float32 when its config asks
     for it (:func:`model.svd.vae_encoding`).
 
     Args:
-        image: [B, 3, H, W] in [-1, 1].
+        image: [B, 3, H, W] in [0, 1].
     Returns:
         [B, 4, H/8, W/8] (unscaled, as SVD's pipeline concatenates it), in the encoding dtype.
     """
-    image = image.float()
+    image = to_vae_pixels(image.float())
     noise = randn_tensor(image.shape, generator=generator, device=image.device, dtype=image.dtype)
     with vae_encoding(vae):
         return vae.encode((image + noise_aug_strength * noise).to(vae.dtype)).latent_dist.mode()

@@ -40,8 +40,10 @@ from model.sampling import RecursiveDenoiser, sample_euler
 from model.svd import (
     SVDComponents,
     build_svd_components,
+    from_vae_pixels,
     load_svd_components,
     save_svd_components,
+    to_vae_pixels,
     vae_encoding,
 )
 
@@ -50,7 +52,7 @@ CONFIG_NAME = "ouroboros_config.json"
 
 @dataclass
 class SampleOutput:
-    views: torch.Tensor  # [B, V, 3, H, W] in [-1, 1]
+    views: torch.Tensor  # [B, V, 3, H, W] in [0, 1]
     gaussians: torch.Tensor  # [B, N, 14] model frame
     renders: dict  # render_gaussians output of ``gaussians`` at the V cameras
 
@@ -186,24 +188,24 @@ class Ouroboros3D(nn.Module):
         """Training targets x_0: VAE latents (sampled, times the scaling factor), encoded in
         float32 when the VAE's config has ``force_upcast`` (``model.svd.vae_encoding``).
 
-        images [B, F, 3, H, W] in [-1, 1] -> [B, F, C_latent, H/8, W/8] float32
+        images [B, F, 3, H, W] in [0, 1] -> [B, F, C_latent, H/8, W/8] float32
         """
         with vae_encoding(self.vae):
-            dist = self.vae.encode(images.flatten(0, 1).to(self.vae.dtype)).latent_dist
+            dist = self.vae.encode(to_vae_pixels(images.flatten(0, 1)).to(self.vae.dtype)).latent_dist
             latents = dist.sample(generator=generator) * self.vae.config.scaling_factor
         return latents.unflatten(0, images.shape[:2]).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """x_0 latents [B, F, 4, h, w] -> images [B, F, 3, 8h, 8w] float32 in [-1, 1] (temporal
+        """x_0 latents [B, F, 4, h, w] -> images [B, F, 3, 8h, 8w] float32 in [0, 1] (temporal
         decoder over F, in the VAE's dtype as SVD's pipeline decodes)."""
         B, F = latents.shape[:2]
         z = (latents.flatten(0, 1) / self.vae.config.scaling_factor).to(self.vae.dtype)
-        return self.vae.decode(z, num_frames=F).sample.unflatten(0, (B, F)).float().clamp(-1.0, 1.0)
+        return from_vae_pixels(self.vae.decode(z, num_frames=F).sample.unflatten(0, (B, F)).float())
 
     @torch.no_grad()
     def encode_condition(self, cond_image: torch.Tensor, generator: torch.Generator | None = None):
-        """SVD conditioning of the condition image [B, 3, H, W] in [-1, 1]:
+        """SVD conditioning of the condition image [B, 3, H, W] in [0, 1]:
         (CLIP embedding [B, 1, D], image latent [B, 4, h, w]), both float32."""
         embedding = clip_image_embedding(self.image_encoder, self.feature_extractor, cond_image)
         latent = condition_latent(self.vae, cond_image, self.config.conditioning.noise_aug_strength, generator)
@@ -233,7 +235,7 @@ class Ouroboros3D(nn.Module):
         """LGM on four of the views (Sec. 3.2): G(x0, c_noise), returned in the model frame.
 
         Args:
-            images: [B, V, 3, H, W] in [-1, 1].  c2w: [B, V, 4, 4] model frame.  K: [B, V, 3, 3]
+            images: [B, V, 3, H, W] in [0, 1].  c2w: [B, V, 4, 4] model frame.  K: [B, V, 3, 3]
             (pixels of H).  c_noise: [B].
         Returns:
             Gaussians [B, N, 14] float32 in the model frame.
@@ -243,8 +245,7 @@ class Ouroboros3D(nn.Module):
         embedding computes its sinusoids in float32 and casts them itself).
         """
         idx = list(self.config.lgm_input_views)
-        views = ((images[:, idx].float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        lgm_in = prepare_inputs(views, c2w[:, idx], K[:, idx], self.config.lgm_resolution)
+        lgm_in = prepare_inputs(images[:, idx].float(), c2w[:, idx], K[:, idx], self.config.lgm_resolution)
         dtype = next(self.lgm.parameters()).dtype
         gaussians = self.lgm(lgm_in.to(dtype), c_noise.float())
         return lgm_to_model_gaussians(gaussians.float(), c2w[:, idx[0]].float())
@@ -275,9 +276,9 @@ class Ouroboros3D(nn.Module):
     def training_losses(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         """Algorithm 1: EDM diffusion loss with 3D-aware self-conditioning + LGM loss (Eq. 2).
 
-        ``batch`` (docs/interfaces.md): images [B, V, 3, H, W] in [-1, 1] over the background,
-        alphas [B, V, 1, H, W], ccm, c2w [B, V, 4, 4] model frame, K [B, V, 3, 3] pixels at H,
-        view 0 the condition image.
+        ``batch`` (docs/interfaces.md): images [B, V, 3, H, W] in [0, 1] over the background,
+        alphas [B, V, 1, H, W], c2w [B, V, 4, 4] model frame, K [B, V, 3, 3] pixels at H, view 0
+        the condition image (a ``ccm`` entry is not read).
 
         1. ``ln s ~ N(1.0, 1.6^2)``; x = x_0 + s n (x_0: VAE latents of the views).
         2. First pass with zero feedback -> x0_hat (without grad if a second pass follows).
@@ -369,8 +370,7 @@ class Ouroboros3D(nn.Module):
 
     def _recon_loss(self, renders: dict, images: torch.Tensor, alphas: torch.Tensor):
         """Eq. 2 terms (MSE, LPIPS), unweighted, of renders vs the ground-truth views, in float32."""
-        gt_rgb = ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        out = reconstruction_loss(renders["rgb"], renders["alpha"], gt_rgb, alphas.float(), self.config.lpips_weight,
+        out = reconstruction_loss(renders["rgb"], renders["alpha"], images.float(), alphas.float(), self.config.lpips_weight,
                                   self.config.allow_random_lpips)
         return out["mse"], out["lpips"]
 
@@ -416,7 +416,7 @@ class Ouroboros3D(nn.Module):
         next steps. The last step's reconstruction (at c_noise(sigma_min)) is the output 3D.
 
         Args:
-            cond_image: [B, 3, H, W] in [-1, 1].  c2w: [B, V, 4, 4] model frame, view 0 the
+            cond_image: [B, 3, H, W] in [0, 1].  c2w: [B, V, 4, 4] model frame, view 0 the
             condition view.  K: [B, V, 3, 3] pixels at H.  num_steps: default the config's
             (``edm.num_steps``, 25).  guidance: per-frame (min, max) CFG scales (default: the
             config's, SVD's 1.0 -> 3.0); max <= 1 switches CFG off.

@@ -40,12 +40,12 @@ class RecursiveDenoiser:
     """Algorithm 2's guided denoiser with its 3D feedback state, for one batch of conditions.
 
     Args:
-        model: the Ouroboros3D.  cond_image: [B, 3, H, W] in [-1, 1].  c2w: [B, V, 4, 4] model
+        model: the Ouroboros3D.  cond_image: [B, 3, H, W] in [0, 1].  c2w: [B, V, 4, 4] model
         frame, view 0 the condition view.  K: [B, V, 3, 3] pixels at H.  num_steps: the
         sampler's steps (the last one always reconstructs).  guidance: per-frame (min, max) CFG
         scales (default: the config's); max <= 1 switches CFG off.  use_feedback: False gives
         a feedback model zero feedback at every step and reconstructs only at the end.
-    State after a call: ``views`` [B, V, 3, H, W] in [-1, 1] (decoded x0), ``gaussians``
+    State after a call: ``views`` [B, V, 3, H, W] in [0, 1] (decoded x0), ``gaussians``
     [B, N, 14], ``renders`` (render_gaussians at the V cameras), of the last reconstruction.
     """
 

@@ -51,6 +51,17 @@ class SVDComponents:
     feature_extractor: CLIPImageProcessor
 
 
+def to_vae_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (the project's convention, docs/interfaces.md) -> SVD's VAE pixel range
+    [-1, 1]. Same shape."""
+    return images * 2.0 - 1.0
+
+
+def from_vae_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The VAE decoder's pixels (nominally [-1, 1]) -> images in [0, 1], clamped. Same shape."""
+    return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
 @contextmanager
 def vae_encoding(vae: AutoencoderKLTemporalDecoder):
     """Run the VAE in float32 inside the block when its config has ``force_upcast`` and its

@@ -30,7 +30,7 @@ def _batch(seed=0):
     gen = torch.Generator().manual_seed(seed)
     c2w, K = _cameras()
     alphas = (torch.rand(1, V, 1, RES, RES, generator=gen) > 0.5).float()
-    images = torch.rand(1, V, 3, RES, RES, generator=gen) * 2 - 1
+    images = torch.rand(1, V, 3, RES, RES, generator=gen)
     images = images * alphas + (1 - alphas)  # composited over the white background
     ccm = torch.rand(1, V, 3, RES, RES, generator=gen) * alphas
     return dict(images=images, alphas=alphas, ccm=ccm, c2w=c2w, K=K, key=["obj_o0"])
@@ -161,7 +161,7 @@ def test_algorithm2_reconstructs_every_step_and_feeds_back(tiny_model, monkeypat
     monkeypatch.setattr(model, "reconstruct", counting_reconstruct)
     monkeypatch.setattr(model, "denoise", spying_denoise)
     c2w, K = _cameras(batch=1)
-    cond = torch.rand(1, 3, RES, RES) * 2 - 1
+    cond = torch.rand(1, 3, RES, RES)
     out = model.sample(cond, c2w, K, num_steps=3, generator=torch.Generator().manual_seed(0), progress=False)
     assert len(calls) == 3  # Algorithm 2: LGM after every denoising step
     assert calls[-1].item() == pytest.approx(0.25 * np.log(0.002), rel=1e-5)  # last one at sigma_min
@@ -198,7 +198,7 @@ def test_sampler_takes_any_denoiser_and_reports_every_step_to_its_callback(tiny_
     assert all(s["gaussians"] is None and s["renders"] is None for s in seen)  # a plain denoiser
 
     c2w, K = _cameras(batch=1)
-    cond = torch.rand(1, 3, RES, RES) * 2 - 1
+    cond = torch.rand(1, 3, RES, RES)
     for use_feedback, with_3d in ((True, [True, True, True]), (False, [False, False, True])):
         steps = []
         out = tiny_model.sample(cond, c2w, K, num_steps=3, guidance=(1.0, 1.0), progress=False,

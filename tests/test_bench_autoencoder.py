@@ -15,6 +15,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from common.conventions import training_frame_indices
 from common.training_views import to_training_views
 from data_pipeline.shards import iter_shard
+from model.svd import from_vae_pixels, to_vae_pixels
 from training.autoencoder import roundtrip
 from training.loader import decode_views, expand_shards
 from data_paths import REPO
@@ -52,8 +53,8 @@ def test_folder_score_matches_an_independent_psnr(demo_shards, tmp_path):
             for start in (0, 1):
                 objects.append(sample["__key__"].rsplit("_o", 1)[0])
                 images = to_training_views(decode_views(sample, training_frame_indices(start)), 64, [1.0] * 3)["images"]
-                targets.append(((images + 1) / 2).numpy())
-                recons.append(((roundtrip(vae, images[None])[0] + 1) / 2).clamp(0, 1).numpy())
+                targets.append(images.numpy())
+                recons.append(from_vae_pixels(roundtrip(vae, to_vae_pixels(images)[None])[0]).numpy())
     reference = peak_signal_noise_ratio(np.stack(targets), np.stack(recons), data_range=1.0)
     assert abs(db - reference) < 0.01, (db, reference)
     assert 0 < chroma_db < 100 and 0 < luma_db < 100

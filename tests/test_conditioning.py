@@ -9,9 +9,9 @@ from model.config import CLIP_MEAN, CLIP_STD
 
 
 def test_clip_input_is_what_clips_own_processor_makes_of_the_image():
-    """The condition image in [-1, 1], already at the encoder's size (so no resize is involved),
-    must reach CLIP exactly as ``CLIPImageProcessor`` prepares the same picture in [0, 1].
-    Kills: the [-1, 1] -> [0, 1] mapping dropped, mean/std swapped or not applied."""
+    """The condition image in [0, 1], already at the encoder's size (so no resize is involved),
+    must reach CLIP exactly as ``CLIPImageProcessor`` prepares the same picture.
+    Kills: a [-1, 1] -> [0, 1] mapping applied to it, mean/std swapped or not applied."""
     size = 32
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                    image_mean=CLIP_MEAN, image_std=CLIP_STD)  # fmt: skip
@@ -27,11 +27,11 @@ def test_clip_input_is_what_clips_own_processor_makes_of_the_image():
         return real_forward(*args, **kwargs)
 
     encoder.forward = spy
-    image = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    image = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = clip_image_embedding(encoder, processor, image)
     assert out.shape == (2, 1, 16)
-    pictures = [((im + 1) / 2).permute(1, 2, 0).numpy() for im in image]  # HWC in [0, 1]
+    pictures = [im.permute(1, 2, 0).numpy() for im in image]  # HWC in [0, 1]
     reference = processor(images=pictures, do_resize=False, do_center_crop=False, do_rescale=False,
                           return_tensors="np")["pixel_values"]  # fmt: skip
     np.testing.assert_allclose(seen[0].numpy(), reference, atol=1e-5)

@@ -131,6 +131,9 @@ def test_training_frames_wrap_every_second_frame():
 
 def test_keys():
     assert cv.sample_key("abc-1_x", 1) == "abc-1_x_o1"
+    assert cv.key_uid("abc-1_x_o1") == "abc-1_x" and cv.key_orbit("abc-1_x_o1") == 1
+    with pytest.raises(ValueError):
+        cv.key_orbit("abc-1_x")
     assert cv.frame_member("k_o0", 3, "ccm") == "k_o0.03.ccm.png"
     for bad in ["a.b", "a b", ""]:
         with pytest.raises(ValueError):

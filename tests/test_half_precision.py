@@ -33,7 +33,7 @@ def _batch(dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     c2w, K = _cameras()
     alphas = (torch.rand(1, V, 1, RES, RES, generator=gen) > 0.5).float()
-    images = (torch.rand(1, V, 3, RES, RES, generator=gen) * 2 - 1) * alphas + (1 - alphas)
+    images = torch.rand(1, V, 3, RES, RES, generator=gen) * alphas + (1 - alphas)
     ccm = torch.rand(1, V, 3, RES, RES, generator=gen) * alphas
     return dict(images=images.to(dtype), alphas=alphas.to(dtype), ccm=ccm.to(dtype), c2w=c2w, K=K,
                 key=["obj_o0"])

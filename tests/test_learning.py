@@ -26,6 +26,7 @@ from common.training_views import to_training_views
 from data_pipeline.shards import iter_shard, list_shards
 from model.config import preset
 from model.ouroboros import Ouroboros3D
+from model.svd import from_vae_pixels, to_vae_pixels
 from training.loader import decode_views
 from data_paths import REPO
 
@@ -144,8 +145,8 @@ def test_autoencoder_trainer_output_loads_and_round_trips(demo_shards, tmp_path)
     images = _orbit_batch(demo_shards)["images"]
 
     def psnr(vae) -> float:
-        recon = ((roundtrip(vae, images) + 1) / 2).clamp(0, 1)
-        return float(-10 * torch.log10((recon - (images + 1) / 2).pow(2).mean()))
+        recon = from_vae_pixels(roundtrip(vae, to_vae_pixels(images)))
+        return float(-10 * torch.log10((recon - images).pow(2).mean()))
 
     with torch.no_grad():
         good, bad = psnr(trained), psnr(random_vae)
@@ -180,7 +181,7 @@ def test_colour_recipe_config_writes_a_coherent_folder_for_a_wider_latent(demo_s
     assert (model.denoiser.unet.config.in_channels, model.denoiser.unet.config.out_channels) == (16, 8)
     images = _orbit_batch(demo_shards)["images"]
     with torch.no_grad():
-        z = model.vae.encode(images.flatten(0, 1)).latent_dist.mode()
+        z = model.vae.encode(to_vae_pixels(images.flatten(0, 1))).latent_dist.mode()
     assert z.shape == (images.shape[0] * images.shape[1], 8, 8, 8)
 
 
@@ -233,3 +234,23 @@ def test_autoencoder_chroma_term_is_the_colour_part_of_the_squared_error():
     by_hand = (err - torch.einsum("c,nchw->nhw", torch.tensor([0.299, 0.587, 0.114], dtype=err.dtype), err)[:, None])
     assert by_hand.square().mean().item() > 1e-3
     assert float(weighted["loss"] - plain["loss"]) == pytest.approx(10.0 * by_hand.square().mean().item(), rel=1e-9)
+
+
+def test_autoencoder_objective_feeds_the_vae_its_own_pixel_range():
+    """The trainer's ``autoencoder`` objective takes the loader's images in [0, 1] to the VAE's
+    [-1, 1] (``2 x - 1``, written out here) before ``autoencoder_loss``: the same loss from the same
+    draws, and not the loss of the images as they come."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from training.autoencoder import AutoencoderObjective, autoencoder_loss
+    from training.config import AutoencoderSection
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLTemporalDecoder(**preset("tiny").vae)
+    images = torch.rand(1, 8, 3, 64, 64)
+    out = AutoencoderObjective(vae, AutoencoderSection())({"images": images}, torch.Generator().manual_seed(5))
+    same = autoencoder_loss(vae, images * 2 - 1, torch.Generator().manual_seed(5), 1e-6, mse_weight=1.0)
+    as_they_come = autoencoder_loss(vae, images, torch.Generator().manual_seed(5), 1e-6, mse_weight=1.0)
+    assert float(out["loss"]) == pytest.approx(float(same["loss"]), rel=1e-6)
+    assert abs(float(out["loss"]) - float(as_they_come["loss"])) > 1e-3
+    assert out["visuals"]["roundtrip"].min() >= 0 and out["visuals"]["roundtrip"].max() <= 1

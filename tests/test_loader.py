@@ -7,6 +7,7 @@ shard's own arrays), not from the loader's code.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -89,7 +90,7 @@ def _take(loader, n):
 
 
 def test_batch_layout_frames_and_model_frame(shards):
-    cfg = LoaderConfig(resolution=RES, batch_size=2, background=BG, num_workers=0, seed=3)
+    cfg = LoaderConfig(resolution=RES, batch_size=2, background=BG, num_workers=0, seed=3, ccm=True)
     batch = next(iter(StreamingLoader(shards, cfg)))
     B, V = 2, 8
     assert batch["images"].shape == (B, V, 3, RES, RES) and batch["images"].dtype == torch.float32
@@ -101,12 +102,12 @@ def test_batch_layout_frames_and_model_frame(shards):
         uid, orbit = key.rsplit("_o", 1)
         elevation, azimuth0 = cv.draw_orbit(uid, int(orbit))
         # which frames: red channel codes the frame index (centre pixel is opaque)
-        red = (batch["images"][b, :, 0, RES // 2, RES // 2] + 1) / 2 * 255
+        red = batch["images"][b, :, 0, RES // 2, RES // 2] * 255
         frames = np.round(red.numpy() / 10).astype(int)
         s = frames[0]
         np.testing.assert_array_equal(frames, [(s + 2 * k) % 16 for k in range(8)])
         # background: corner pixels are fully transparent -> the background colour
-        corner = (batch["images"][b, :, :, 0, 0] + 1) / 2
+        corner = batch["images"][b, :, :, 0, 0]
         np.testing.assert_allclose(corner.numpy(), np.broadcast_to(BG, (8, 3)), atol=1e-6)
         assert torch.all(batch["alphas"][b, :, :, 0, 0] == 0)
         assert torch.all(batch["alphas"][b, :, :, RES // 2, RES // 2] == 1)
@@ -145,7 +146,7 @@ def test_same_seed_same_stream_other_seed_other_stream(shards):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_where_it_stopped(shards, workers):
     cfg = LoaderConfig(resolution=RES, batch_size=2, num_workers=workers, seed=5, shuffle_buffer=4,
-                       shuffle_initial=2)
+                       shuffle_initial=2, ccm=True)
     reference = StreamingLoader(shards, cfg)
     full = _take(reference, 10)
     first = StreamingLoader(shards, cfg)
@@ -182,12 +183,31 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
         mixed[f"{i:02d}.ccm.png"] = small[f"{i:02d}.ccm.png"]
     good = [make_sample(f"good{i}") for i in range(3)]
     folder = write_shards(tmp_path, [[good[0], bad_png, missing, good[1], wrong_shape, mixed, good[2]]])
-    cfg = LoaderConfig(resolution=RES, num_workers=0, shuffle_buffer=1, shuffle_initial=1)
+    cfg = LoaderConfig(resolution=RES, num_workers=0, shuffle_buffer=1, shuffle_initial=1, ccm=True)
     loader = StreamingLoader(folder, cfg)
     keys = [b["key"][0] for b in _take(loader, 3)]
     assert sorted(keys) == ["good0_o0", "good1_o0", "good2_o0"]
     assert loader.skipped == dict(samples=4, shards=0)
     assert loader.state_dict()["streams"][0]["skipped_samples"] == 4
+
+
+def test_ccm_members_are_decoded_only_when_asked_for(tmp_path):
+    """Without ``ccm`` the batch has no CCM and the CCM PNGs are not decoded (a garbage one
+    passes), but every member must still be there (a missing one still skips the sample)."""
+    garbage = make_sample("garbage")
+    for i in range(16):
+        garbage[f"{i:02d}.ccm.png"] = b"\x89PNG not really"
+    missing = make_sample("missing")
+    del missing["11.ccm.png"]
+    folder = write_shards(tmp_path, [[garbage, missing, make_sample("good")]])
+    cfg = LoaderConfig(resolution=RES, num_workers=0, shuffle_buffer=1, shuffle_initial=1)
+    loader = StreamingLoader(folder, cfg)
+    batches = _take(loader, 2)
+    assert [b["key"][0] for b in batches] == ["garbage_o0", "good_o0"]
+    assert sorted(batches[0]) == ["K", "alphas", "c2w", "images", "key"]
+    assert loader.skipped == dict(samples=1, shards=0)
+    with_ccm = StreamingLoader(folder, dataclasses.replace(cfg, ccm=True))
+    assert [b["key"][0] for b in _take(with_ccm, 1)] == ["good_o0"]
 
 
 def test_truncated_shard_is_skipped_and_counted(tmp_path):

@@ -42,8 +42,9 @@ def upload(folder: Path, url: str, names: list[str] | None = None) -> None:
 
 
 def loader_config(**changes) -> LoaderConfig:
-    """Demo shards at 32 px, one sample a batch, no shuffle buffer: the stream order is the shards'."""
-    return LoaderConfig(**dict(dict(resolution=32, num_workers=0, shuffle_buffer=1, shuffle_initial=1), **changes))
+    """Demo shards at 32 px with the CCM, one sample a batch, no shuffle buffer: the stream order is
+    the shards'."""
+    return LoaderConfig(**dict(dict(resolution=32, num_workers=0, shuffle_buffer=1, shuffle_initial=1, ccm=True), **changes))
 
 
 def take(loader: StreamingLoader, n: int) -> list[dict]:

@@ -93,7 +93,7 @@ def test_objects_to_render_respects_max_retries():
 
 
 def _commit_shard(store: Store, name: str, uids, with_index: bool = True) -> None:
-    objects = [(uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)], uid)) for uid in uids]
+    objects = [(uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)])) for uid in uids]
     with store.staged(name) as local:
         info = write_shard(local, name, objects)
         store.commit_file(local, name)

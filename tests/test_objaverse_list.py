@@ -94,7 +94,7 @@ def test_every_uid_survives_selection_keys_manifest_and_shards(lgm_cache, lgm_ro
     # a real shard holding the odd-length uids (and a few hex ones) reads back whole
     sample = sorted((r.uid for r in kept), key=lambda u: (len(u) == 32, u))[:50]
     shard = tmp_path / "shard-000000.tar"
-    objects = [(uid, encode_object([fake_render(uid, k, size=4) for k in range(2)], uid)) for uid in sample]
+    objects = [(uid, encode_object([fake_render(uid, k, size=4) for k in range(2)])) for uid in sample]
     assert write_shard(shard, shard.name, objects).uids == sample
     decoded = [decode_sample(raw) for raw in iter_shard(shard)]
-    assert sorted((d["meta"]["uid"], d["meta"]["orbit"]) for d in decoded) == sorted((u, k) for u in sample for k in (0, 1))
+    assert sorted((d.meta["uid"], d.meta["orbit"]) for d in decoded) == sorted((u, k) for u in sample for k in (0, 1))

@@ -134,7 +134,7 @@ def test_render_job_on_a_ray_cluster_window_and_clean_shutdown(ray_head, tmp_pat
     for shard in list_shards(out):
         for raw in iter_shard(shard):
             sample = decode_sample(raw)
-            assert sample["rgba"].shape == (16, 32, 32, 4)
+            assert sample.rgba.shape == (16, 32, 32, 4)
             keys.append(raw["__key__"])
     assert sorted(keys) == sorted(C.sample_key(uid, k) for uid in rows for k in (0, 1))
     assert not list(out.glob("*.tmp"))

@@ -48,13 +48,13 @@ def test_demo_shards_fixture(demo_shards):
     for shard in list_shards(demo_shards):
         for raw in iter_shard(shard):
             sample = decode_sample(raw)
-            uid, orbit = sample["meta"]["uid"], sample["meta"]["orbit"]
+            uid, orbit = sample.meta["uid"], sample.meta["orbit"]
             assert raw["__key__"] == C.sample_key(uid, orbit) and rows[uid].shard == shard.name
-            assert sample["rgba"].shape == (16, 64, 64, 4)
+            assert sample.rgba.shape == (16, 64, 64, 4)
             elevation, start = C.draw_orbit(uid, orbit)  # cameras are the uid's orbit
-            np.testing.assert_allclose(sample["c2w"], C.orbit_c2w(elevation, C.orbit_azimuths(start)), atol=1e-5)
-            alpha = sample["rgba"][..., 3] > 0
-            assert alpha.mean() > 0.02 and np.all(sample["ccm"][~alpha] == 0)
+            np.testing.assert_allclose(sample.c2w, C.orbit_c2w(elevation, C.orbit_azimuths(start)), atol=1e-5)
+            alpha = sample.rgba[..., 3] > 0
+            assert alpha.mean() > 0.02 and np.all(sample.ccm[~alpha] == 0)
     sheet = Image.open(demo_shards / "contact_sheet.png")
     assert sheet.size[0] == 8 * 96 and sheet.size[1] == 4 * (96 + 14)
 
@@ -88,7 +88,7 @@ def test_resume_after_kill_never_loses_or_duplicates(tmp_path):
     assert set(killed_with) <= set(keys)
     for shard in list_shards(out):
         for raw in iter_shard(shard):
-            assert rows[decode_sample(raw)["meta"]["uid"]].shard == shard.name
+            assert rows[decode_sample(raw).meta["uid"]].shard == shard.name
     assert not list(out.glob("*.tmp"))
 
 
@@ -174,7 +174,7 @@ def test_bad_inputs_fail_with_reasons_and_the_job_completes(tmp_path):
         assert words in rows[uid].reason.lower() and rows[uid].reason.split(":")[0], rows[uid].reason
     missing = rows["no_texture_fuze"]
     if missing.status == "done":  # rendered without its texture, and the sample says so
-        metas = [decode_sample(raw)["meta"] for raw in iter_shard(out / missing.shard)
+        metas = [decode_sample(raw).meta for raw in iter_shard(out / missing.shard)
                  if raw["__key__"].startswith("no_texture_fuze_")]
         assert metas and all("texture" in " ".join(m["warnings"]).lower() for m in metas)
     else:
@@ -238,7 +238,7 @@ def test_objaverse_job_downloads_in_the_workers_and_records_filtered_objects(obj
     assert (rows[uid["tiny_cube"]].status, rows[uid["tiny_cube"]].reason) == ("filtered", "too few faces")
     assert sorted(all_keys(out)) == [f"{uid['mug']}_o0", f"{uid['mug']}_o1"]
     (sample,) = [decode_sample(raw) for raw in iter_shard(out / mug.shard) if raw["__key__"].endswith("_o0")]
-    assert sample["meta"]["source"] == "objaverse" and sample["rgba"].shape == (16, 32, 32, 4)
+    assert sample.meta["source"] == "objaverse" and sample.rgba.shape == (16, 32, 32, 4)
     assert (out / "filter_summary.json").is_file()
 
 

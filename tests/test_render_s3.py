@@ -89,7 +89,7 @@ def test_render_job_writes_shards_manifest_and_sheet_to_s3(s3_bucket):
             raw.setdefault(key, {"__key__": key})[suffix] = tar.extractfile(member).read()
     for sample in raw.values():
         decoded = decode_sample(sample)
-        assert decoded["rgba"].shape == (16, 32, 32, 4) and decoded["rgba"][..., 3].any()
+        assert decoded.rgba.shape == (16, 32, 32, 4) and decoded.rgba[..., 3].any()
 
 
 @pytest.mark.slow
@@ -179,18 +179,19 @@ def test_a_store_that_stays_away_is_a_clear_error_naming_the_url(monkeypatch):
 
     from data_pipeline.storage import Store, StorageError
 
+    # a port held bound but never listening: connections are refused, and no other process (a
+    # test server beside this one) can take the port while the test runs
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries, standard AWS configuration
-    store = Store("s3://nowhere/prefix", retries=2, retry_pause_s=0.05)
-    start = time.monotonic()
-    with pytest.raises(StorageError, match=r"could not write s3://nowhere/prefix/manifest.parquet"):
-        store.write_bytes("manifest.parquet", b"x")
-    assert time.monotonic() - start < 60
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sock.getsockname()[1]}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries, standard AWS configuration
+        store = Store("s3://nowhere/prefix", retries=2, retry_pause_s=0.05)
+        start = time.monotonic()
+        with pytest.raises(StorageError, match=r"could not write s3://nowhere/prefix/manifest.parquet"):
+            store.write_bytes("manifest.parquet", b"x")
+        assert time.monotonic() - start < 60
 
 
 @pytest.mark.blender

@@ -39,7 +39,7 @@ def karras(n):
 
 
 def _cond_image(seed=0):
-    return torch.rand(1, 3, RES, RES, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return torch.rand(1, 3, RES, RES, generator=torch.Generator().manual_seed(seed))
 
 
 def _stub_3d(monkeypatch, model):

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from common import conventions as C
-from data_pipeline.render import OrbitRender
+from common.orbit import OrbitRender
 from data_pipeline.shards import (
     CorruptSampleError,
     ShardInfo,
@@ -40,7 +40,7 @@ def fake_render(uid: str, orbit: int, size: int = 12, seed: int = 0) -> OrbitRen
     c2w = C.orbit_c2w(elevation, C.orbit_azimuths(start)).astype(np.float32)
     K = np.repeat(C.intrinsics(C.DEFAULT_FOV_DEG, size)[None], 16, 0).astype(np.float32)
     meta = {"uid": uid, "orbit": orbit, "elevation": elevation, "resolution": size}
-    return OrbitRender(orbit=orbit, rgba=rgba, ccm=ccm, c2w=c2w, K=K, meta=meta)
+    return OrbitRender(key=C.sample_key(uid, orbit), rgba=rgba, ccm=ccm, c2w=c2w, K=K, meta=meta)
 
 
 def png16_reference(data: bytes) -> np.ndarray:
@@ -81,14 +81,14 @@ def png16_reference(data: bytes) -> np.ndarray:
 
 def write_objects(path, uids) -> ShardInfo:
     """One shard at ``path`` holding both orbits of each uid's fake render."""
-    objects = ((uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)], uid)) for uid in uids)
+    objects = ((uid, encode_object([fake_render(uid, 0), fake_render(uid, 1)])) for uid in uids)
     return write_shard(path, path.name, objects)
 
 
 def test_members_follow_the_contract_with_plain_tarfile(tmp_path):
     render = fake_render("obj-A_1", 1)
     shard = tmp_path / "shard-000000.tar"
-    write_shard(shard, shard.name, [("obj-A_1", [encode_sample(render, "obj-A_1_o1")])])
+    write_shard(shard, shard.name, [("obj-A_1", [encode_sample(render)])])
     with tarfile.open(shard) as tar:
         names = tar.getnames()
         expected = {C.frame_member("obj-A_1_o1", i, k) for i in range(16) for k in ("rgba", "ccm")}
@@ -118,11 +118,11 @@ def test_webdataset_reads_and_decode_sample_round_trips(tmp_path):
     assert [s["__key__"] for s in samples] == ["a_o0", "a_o1", "b_o0", "b_o1", "c_o0", "c_o1"]
     decoded = decode_sample(samples[3])
     ref = fake_render("b", 1)
-    np.testing.assert_array_equal(decoded["rgba"], ref.rgba)
-    assert np.abs(decoded["ccm"] - ref.ccm).max() <= 0.5 / 65535 + 1e-7
-    np.testing.assert_array_equal(decoded["c2w"], ref.c2w)
-    np.testing.assert_array_equal(decoded["K"], ref.K)
-    assert decoded["meta"] == ref.meta and decoded["key"] == "b_o1"
+    np.testing.assert_array_equal(decoded.rgba, ref.rgba)
+    assert np.abs(decoded.ccm - ref.ccm).max() <= 0.5 / 65535 + 1e-7
+    np.testing.assert_array_equal(decoded.c2w, ref.c2w)
+    np.testing.assert_array_equal(decoded.K, ref.K)
+    assert decoded.meta == ref.meta and decoded.key == "b_o1"
     assert [s["__key__"] for s in iter_shard(shard)] == [s["__key__"] for s in samples]
 
 
@@ -141,7 +141,7 @@ def test_index_holds_the_shards_uids_keys_size_and_checksum(tmp_path):
 
 
 def _sample(uid="x"):
-    return encode_sample(fake_render(uid, 0), f"{uid}_o0")
+    return encode_sample(fake_render(uid, 0))
 
 
 @pytest.mark.parametrize(
@@ -167,4 +167,4 @@ def test_encode_rejects_wrong_shapes():
     render = fake_render("x", 0)
     render.rgba = render.rgba[:8]
     with pytest.raises(ValueError, match="rgba"):
-        encode_sample(render, "x_o0")
+        encode_sample(render)

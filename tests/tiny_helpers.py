@@ -53,7 +53,7 @@ def batch(batch_size: int = 1, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     c2w, K = cameras(batch_size)
     alphas = (torch.rand(batch_size, V, 1, RES, RES, generator=gen) > 0.5).float()
-    images = torch.rand(batch_size, V, 3, RES, RES, generator=gen) * 2 - 1
+    images = torch.rand(batch_size, V, 3, RES, RES, generator=gen)
     images = images * alphas + (1 - alphas)
     ccm = torch.rand(batch_size, V, 3, RES, RES, generator=gen) * alphas
     return dict(images=images, alphas=alphas, ccm=ccm, c2w=c2w, K=K,

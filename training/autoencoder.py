@@ -35,6 +35,7 @@ from PIL import Image
 
 from common.atomic import atomic_dir, atomic_path, atomic_write_text
 from common.image_metrics import chroma, psnr
+from model.svd import from_vae_pixels, to_vae_pixels
 from training.autoencoder_recipe import augment_views, init_linear_path
 
 log = logging.getLogger("training.autoencoder")
@@ -142,12 +143,13 @@ def save_svd_folder(vae: AutoencoderKLTemporalDecoder, cfg, out: Path, seed: int
 
 # ----------------------------------------------------------------------------- the trainer's parts
 class AutoencoderObjective(nn.Module):
-    """``forward(batch, generator)``: ``autoencoder_loss`` of the loader's views after the colour
+    """``forward(batch, generator)``: ``autoencoder_loss`` of the loader's views (``images`` in
+    [0, 1], taken to the VAE's [-1, 1] by ``model.svd.to_vae_pixels``) after the colour
     augmentation of ``recipe.augment`` (``training.autoencoder_recipe``), as the trainer's engine
     calls any objective. ``recipe`` is the config's ``autoencoder`` section.
 
     Returns dict(loss, loss_l1, loss_mse, loss_chroma, loss_kl, loss_lpips, psnr,
-    visuals=dict(roundtrip [1, 2V, 3, H, W] in [-1, 1]: the first orbit's views, then their round trip)).
+    visuals=dict(roundtrip [1, 2V, 3, H, W] in [0, 1]: the first orbit's views, then their round trip)).
     """
 
     def __init__(self, vae: AutoencoderKLTemporalDecoder, recipe):
@@ -162,24 +164,25 @@ class AutoencoderObjective(nn.Module):
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         r = self.recipe
-        images = augment_views(batch["images"], generator, r.augment)
+        images = augment_views(to_vae_pixels(batch["images"]), generator, r.augment)
         terms = autoencoder_loss(self.vae, images, generator, r.kl_weight, r.lpips_weight, r.mse_weight,
                                  r.chroma_weight)
         return dict(loss=terms["loss"], loss_l1=terms["l1"], loss_mse=terms["mse"], loss_chroma=terms["chroma_mse"],
                     loss_kl=terms["kl"], loss_lpips=terms["lpips"],
                     psnr=psnr(terms["recon"], images, signed=True, pooled=True),
-                    visuals={"roundtrip": torch.cat([images[:1], terms["recon"][:1]], 1)})  # fmt: skip
+                    visuals={"roundtrip": from_vae_pixels(torch.cat([images[:1], terms["recon"][:1]], 1))})  # fmt: skip
 
 
 def export_autoencoder(vae: AutoencoderKLTemporalDecoder, cfg, out: Path, scale_batches: list[torch.Tensor],
                        seed: int, step: int) -> dict:
     """The run's inference weights: ``scaling_factor = 1 / std`` of the latents of
-    ``scale_batches`` (images [B, V, 3, H, W] in [-1, 1]) written into the VAE's config, the SVD
+    ``scale_batches`` (the loader's images [B, V, 3, H, W] in [0, 1]) written into the VAE's config, the SVD
     folder at ``out`` (``save_svd_folder``), and beside it ``roundtrip.png`` and
     ``autoencoder.json`` (``step``: the training steps behind the weights). Returns the summary
     written to ``autoencoder.json``."""
     was_training = vae.training
     vae.eval()
+    scale_batches = [to_vae_pixels(images) for images in scale_batches]
     mean, std = latent_std(vae, scale_batches)
     vae.register_to_config(scaling_factor=1.0 / std)
     images = scale_batches[0]

@@ -2,8 +2,10 @@
 
 One shard sample is one (object, orbit) with 16 frames. Per sample the loader picks the
 condition frame ``s`` (seeded), keeps frames ``s, s+2, ..., s+14 (mod 16)`` (docs/design.md section 4),
+decodes them into a ``data_pipeline.render.OrbitRender`` (the CCM only with ``LoaderConfig.ccm``),
 composites RGBA over the background, resizes to the model resolution, and expresses cameras
-and CCM in the model frame of the condition view (``conventions.to_condition_frame``).
+(and CCM) in the model frame of the condition view (``conventions.to_condition_frame``). Images
+are in [0, 1] (docs/interfaces.md, "Values from shard to network").
 
 Streaming and determinism
     Each rank and DataLoader worker reads an endless stream of epochs. Epoch ``e`` shuffles
@@ -52,6 +54,7 @@ from common.conventions import (
     TRAIN_NUM_VIEWS,
     training_frame_indices,
 )
+from common.orbit import OrbitRender
 from common.training_views import to_training_views
 from data_pipeline.shards import CorruptSampleError, decode_sample
 from training.shard_store import ReadPolicy, expand_shards, open_shard
@@ -64,14 +67,17 @@ class LoaderConfig:
     """What the loader produces and how it streams.
 
     resolution: model image size (square). background: RGB in [0, 1] the RGBA frames are
-    composited over. batch_size: samples per batch on one rank (the micro batch). reads:
-    timeouts and retries of shards in an object store (training.shard_store.ReadPolicy).
+    composited over. ccm: decode the CCM members and add ``ccm`` to the batch (no training
+    objective reads it; its 16-bit PNGs are the most expensive members to decode). batch_size:
+    samples per batch on one rank (the micro batch). reads: timeouts and retries of shards in an
+    object store (training.shard_store.ReadPolicy).
     """
 
     resolution: int
     batch_size: int = 1
     num_views: int = TRAIN_NUM_VIEWS
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ccm: bool = False
     shuffle_buffer: int = 64
     shuffle_initial: int = 16
     num_workers: int = 2
@@ -100,29 +106,27 @@ def shard_files(urls: list[str], reads: ReadPolicy, on_broken: Callable[[str, Ex
 
 
 # ----------------------------------------------------------------------------- one sample
-def decode_views(sample: dict, frames) -> dict:
+def decode_views(sample: dict, frames, ccm: bool = False) -> OrbitRender:
     """Decode the selected frames of one raw shard sample (members of docs/design.md section 3).
 
     Every member of the contract must be present (an incomplete sample is corrupt), but only
-    the selected frames' PNGs are decoded.
+    the selected frames' PNGs are decoded, their CCM PNGs only with ``ccm``.
 
     Args:
         sample: WebDataset sample dict (``__key__`` and ``<ii>.rgba.png``, ``<ii>.ccm.png``,
             ``cameras.npy``, ``intrinsics.npy``, ``json`` as bytes).
         frames: [V] frame indices.
     Returns:
-        dict(rgba uint8 [V,H,W,4], ccm float32 [V,H,W,3] in [0,1], c2w float64 [V,4,4],
-        K float64 [V,3,3] in pixels of H, meta dict)
+        OrbitRender of the V frames (``shards.decode_sample``), square frames.
     Raises:
         CorruptSampleError
     """
-    views = decode_sample(sample, frames)
-    height, width = views["rgba"].shape[1:3]
+    orbit = decode_sample(sample, frames, ccm)
+    height, width = orbit.rgba.shape[1:3]
     if height != width:
-        raise CorruptSampleError(views["key"], f"{views['key']}.{frames[0]:02d}.rgba.png",
+        raise CorruptSampleError(orbit.key, f"{orbit.key}.{frames[0]:02d}.rgba.png",
                                  f"not square: {(height, width)}")
-    return dict(rgba=views["rgba"], ccm=views["ccm"], c2w=views["c2w"].astype(np.float64),
-                K=views["K"].astype(np.float64), meta=views["meta"])
+    return orbit
 
 
 def condition_frame(seed: int, epoch: int, key: str) -> int:
@@ -209,8 +213,8 @@ class ShardStream(IterableDataset):
                 key = raw.get("__key__", "?")
                 try:
                     s = condition_frame(self.cfg.seed, epoch, key)
-                    views = decode_views(raw, training_frame_indices(s, self.cfg.num_views))
-                    sample = to_training_views(views, self.cfg.resolution, self.cfg.background)
+                    orbit = decode_views(raw, training_frame_indices(s, self.cfg.num_views), self.cfg.ccm)
+                    sample = to_training_views(orbit, self.cfg.resolution, self.cfg.background)
                 except (ValueError, np.linalg.LinAlgError) as exc:  # CorruptSampleError is a ValueError
                     skips.samples += 1
                     log.warning("skipping corrupt sample %s from %s: %s", key, raw.get("__url__"), exc)
@@ -230,7 +234,7 @@ class ShardStream(IterableDataset):
 def collate(items: list) -> dict:
     """Stack samples into the training batch (docs/interfaces.md); keep the last sample's position."""
     samples = [s for s, _ in items]
-    batch = {k: torch.stack([s[k] for s in samples]) for k in ("images", "alphas", "ccm", "c2w", "K")}
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "key"}
     batch["key"] = [s["key"] for s in samples]
     return dict(batch=batch, position=items[-1][1])
 
@@ -250,9 +254,9 @@ def _single_threaded_opencv() -> None:
 class StreamingLoader:
     """Endless iterator of training batches with a resumable position.
 
-    ``iter(loader)`` yields batches dict(images [B,V,3,R,R] in [-1,1], alphas [B,V,1,R,R],
-    ccm [B,V,3,R,R], c2w [B,V,4,4], K [B,V,3,3], key list[str]); :meth:`state_dict` is the
-    position after the last batch yielded.
+    ``iter(loader)`` yields batches dict(images [B,V,3,R,R] in [0,1], alphas [B,V,1,R,R],
+    c2w [B,V,4,4], K [B,V,3,3], key list[str], and ccm [B,V,3,R,R] with ``LoaderConfig.ccm``);
+    :meth:`state_dict` is the position after the last batch yielded.
     """
 
     def __init__(self, shards: str | list[str], cfg: LoaderConfig):

@@ -20,8 +20,8 @@ def visual_grid(images: torch.Tensor) -> torch.Tensor:
     """One picture from a visual: the first batch item's views side by side.
 
     Args:
-        images: [B, V, C, H, W] or [B, C, H, W]; C = 1 (shown grey) or 3; values in [-1, 1]
-            (anything negative present) or [0, 1].
+        images: [B, V, C, H, W] or [B, C, H, W]; C = 1 (shown grey) or 3; values in [0, 1]
+            (clamped: a model-frame CCM may leave it slightly).
     Returns:
         [3, H', W'] in [0, 1]
     """
@@ -34,8 +34,6 @@ def visual_grid(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"visual of shape {tuple(images.shape)}: expected [B,V,C,H,W] or [B,C,H,W]")
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    if x.min() < 0:
-        x = (x + 1) / 2
     return make_grid(x.clamp(0, 1), nrow=x.shape[0], padding=1, pad_value=1.0)
 
 
