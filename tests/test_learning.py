@@ -174,7 +174,7 @@ def test_colour_recipe_config_writes_a_coherent_folder_for_a_wider_latent(demo_s
                              "autoencoder.scale_batches=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     resolved = yaml.safe_load((out / "train_config.yaml").read_text())["autoencoder"]
-    assert (resolved["augment"], resolved["init"], resolved["chroma_weight"]) == ("view", "linear-path", 10.0)
+    assert (resolved["augment"], resolved["init"], resolved["loss"]["chroma_weight"]) == ("view", "linear-path", 10.0)
     assert json.loads((out / "autoencoder.json").read_text())["latent_channels"] == 8
     model = Ouroboros3D.from_config(preset("tiny", svd_path=str(out / "export")))
     assert model.vae.config.latent_channels == 8

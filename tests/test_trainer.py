@@ -249,7 +249,7 @@ def test_training_refuses_a_random_lpips_trunk_unless_the_config_allows_it(tmp_p
     assert lpips_trunk(joint, preset("tiny")) == real
     assert lpips_trunk(joint, preset("tiny", **FAST_MODEL)) is None  # no Eq. 2 term, no trunk
     assert lpips_trunk(autoencoder, preset("tiny")) is None  # the autoencoder's LPIPS weight is 0
-    autoencoder.autoencoder.lpips_weight = 0.1
+    autoencoder.autoencoder.loss.lpips_weight = 0.1
     assert lpips_trunk(autoencoder, preset("tiny", **FAST_MODEL)) == real
     monkeypatch.setenv(trunk_cache.CACHE_ENV, str(tmp_path))  # an empty cache
     lgm_loss.lpips_network.cache_clear()

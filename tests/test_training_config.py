@@ -57,9 +57,9 @@ def test_colour_recipe_config_is_the_documented_run():
     --batch 1``, lr 2e-3 cosine to 5 %, no weight decay) and nothing else apart from the demo's."""
     colour, demo = load_config("tiny_autoencoder_colour"), load_config("tiny_autoencoder")
     assert (colour.model.latent_channels, colour.autoencoder.augment, colour.autoencoder.init,
-            colour.autoencoder.chroma_weight, colour.max_steps) == (32, "view", "linear-path", 10.0, 20000)
+            colour.autoencoder.loss.chroma_weight, colour.max_steps) == (32, "view", "linear-path", 10.0, 20000)
     assert (colour.optim.total_batch, colour.optim.lr, colour.optim.schedule, colour.optim.min_lr_ratio,
-            colour.optim.weight_decay, colour.autoencoder.kl_weight) == (1, 2e-3, "cosine", 0.05, 0.0, 1e-6)
+            colour.optim.weight_decay, colour.autoencoder.loss.kl_weight) == (1, 2e-3, "cosine", 0.05, 0.0, 1e-6)
     assert colour.optim == demo.optim and colour.data == demo.data
     assert (demo.model.latent_channels, demo.autoencoder.augment, demo.autoencoder.init) == (None, "none", "default")
 

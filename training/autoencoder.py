@@ -22,6 +22,7 @@ model config's ``svd_path`` to it (``--set model.overrides.svd_path=<ae>/export`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -165,8 +166,7 @@ class AutoencoderObjective(nn.Module):
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict:
         r = self.recipe
         images = augment_views(to_vae_pixels(batch["images"]), generator, r.augment)
-        terms = autoencoder_loss(self.vae, images, generator, r.kl_weight, r.lpips_weight, r.mse_weight,
-                                 r.chroma_weight)
+        terms = autoencoder_loss(self.vae, images, generator, **dataclasses.asdict(r.loss))
         return dict(loss=terms["loss"], loss_l1=terms["l1"], loss_mse=terms["mse"], loss_chroma=terms["chroma_mse"],
                     loss_kl=terms["kl"], loss_lpips=terms["lpips"],
                     psnr=psnr(terms["recon"], images, signed=True, pooled=True),

@@ -60,18 +60,25 @@ class DataSection:
 
 
 @dataclass
+class AutoencoderLoss:
+    """The weights of ``training.autoencoder.autoencoder_loss``: KL (in SD's units), squared error,
+    its colour part (chroma), LPIPS; L1 has weight 1."""
+
+    kl_weight: float = 1e-6
+    mse_weight: float = 1.0
+    chroma_weight: float = 0.0
+    lpips_weight: float = 0.0
+
+
+@dataclass
 class AutoencoderSection:
-    """The ``autoencoder`` objective's recipe (training/autoencoder.py, ``autoencoder_loss``)."""
+    """The ``autoencoder`` objective's recipe (training/autoencoder.py)."""
 
     # colour augmentation (training/autoencoder_recipe.py) drawn per step | orbit | view, or none
     augment: str = "none"
     # default: PyTorch's initialisation; linear-path: init_linear_path
     init: str = "default"
-    # the loss weights (autoencoder_loss): KL in SD's units, squared error, its colour part, LPIPS
-    kl_weight: float = 1e-6
-    mse_weight: float = 1.0
-    chroma_weight: float = 0.0
-    lpips_weight: float = 0.0
+    loss: AutoencoderLoss = field(default_factory=AutoencoderLoss)
     # batches of a second loader that measure the latent std at each export
     scale_batches: int = 16
 
@@ -156,6 +163,7 @@ def _build(cls, data: dict, where: str):
 # the mappings of a config that are dataclasses of their own: (owner, key) -> class
 SECTIONS = {(TrainConfig, "model"): ModelSection, (TrainConfig, "data"): DataSection,
             (TrainConfig, "optim"): OptimSection, (TrainConfig, "autoencoder"): AutoencoderSection,
+            (AutoencoderSection, "loss"): AutoencoderLoss,
             (DataSection, "reads"): ReadPolicy}
 
 

@@ -150,7 +150,7 @@ def lpips_trunk(cfg: TrainConfig, mcfg) -> dict | None:
     from common.perceptual.builder import RandomLPIPSRefused
 
     if cfg.objective == "autoencoder":
-        needed = cfg.autoencoder.lpips_weight > 0
+        needed = cfg.autoencoder.loss.lpips_weight > 0
     else:
         needed = mcfg.joint_training and mcfg.lpips_weight > 0
     if not needed:
