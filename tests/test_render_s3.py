@@ -177,6 +177,8 @@ def test_a_store_that_stays_away_is_a_clear_error_naming_the_url(monkeypatch):
     """Bounded retries, then StorageError with the URL that could not be written."""
     import socket
 
+    import s3fs
+
     from data_pipeline.storage import Store, StorageError
 
     # a port held bound but never listening: connections are refused, and no other process (a
@@ -187,6 +189,9 @@ def test_a_store_that_stays_away_is_a_clear_error_naming_the_url(monkeypatch):
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries, standard AWS configuration
+        # fsspec hands back a filesystem made earlier in this process (under the moto server's
+        # endpoint, by the tests before this one) unless its cache is cleared
+        s3fs.S3FileSystem.clear_instance_cache()
         store = Store("s3://nowhere/prefix", retries=2, retry_pause_s=0.05)
         start = time.monotonic()
         with pytest.raises(StorageError, match=r"could not write s3://nowhere/prefix/manifest.parquet"):
