@@ -5,7 +5,8 @@
 1. render the training and held-out demo objects (``<output>/shards/seed<S>``, a render job a
    seed, 2 x 16 frames each);
 2. train the autoencoder (the colour recipe) and, beside it, LGM alone on the clean views;
-3. train the multi-view diffusion model alone on the autoencoder's latent;
+3. train the multi-view diffusion model alone on the autoencoder's latent (as soon as the
+   autoencoder is done, beside LGM if it still trains);
 4. assemble ``<output>/stages``: one ``Ouroboros3D`` export (the diffusion stage's UNet and
    autoencoder, the LGM stage's LGM), loaded by ``Ouroboros3D.from_pretrained`` as any
    checkpoint; ``pretrained/tiny`` in the repository is a copy of it.
@@ -97,10 +98,10 @@ def main() -> None:
     for seed, count in knobs["heldout_objects"].items():
         render(seed, count, knobs["render"], out / "shards" / f"seed{seed}")
     lgm = start("lgm", stages["lgm"], out)
-    wait("lgm", lgm, out)
-    wait("autoencoder", autoencoder, out)
+    wait("autoencoder", autoencoder, out)  # the diffusion model needs its latent, not LGM
     diffusion = start("diffusion", stages["diffusion"], out,
                       [f"model.overrides.svd_path={out / 'autoencoder' / 'export'}"])
+    wait("lgm", lgm, out)
     wait("diffusion", diffusion, out)
     say(f"stages assembled in {assemble(out)}")
 
