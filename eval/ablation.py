@@ -8,8 +8,10 @@ folders into one table per objects set (e.g. seen / held-out), with the 3DGS met
 
     python -m eval.ablation --row <bench dir> [--row <bench dir> ...] --output <dir>
 
-Writes ``table2.md``, ``table2.json`` and ``strips/<split>/<object>.png`` (rows: ground truth,
-then for each ablation row its generated views and its 3DGS renders).
+Runs named ``<row>_s<seed>`` are one row trained with several seeds: the table gives each run,
+and each row's mean and min – max over its seeds. Writes ``table2.md``, ``table2.json`` and
+``strips/<split>/<object>.png`` (rows: ground truth, then for each run its generated views and
+its 3DGS renders).
 """
 
 from __future__ import annotations
@@ -58,6 +60,33 @@ def ablation_table(runs: dict[str, list[dict]]) -> list[dict]:
     return out
 
 
+SEED_COLUMNS = [("split", "Objects set"), ("row", "Row"), ("seeds", "Seeds"), ("mv_psnr", "MV PSNR ↑"),
+                ("psnr", "3DGS PSNR ↑"), ("psnr_range", "3DGS PSNR min – max"), ("ssim", "3DGS SSIM ↑"),
+                ("lpips", "3DGS LPIPS ↓")]  # fmt: skip
+
+
+def row_name(run: str) -> str:
+    """The Table 2 row of a run: its name without a ``_s<seed>`` suffix (``joint_s1`` -> ``joint``)."""
+    stem, _, seed = run.rpartition("_s")
+    return stem if stem and seed.isdigit() else run
+
+
+def over_seeds(table: list[dict]) -> list[dict]:
+    """Each (objects set, row) over its runs (seeds): the means, and the 3DGS PSNR's min and max,
+    the seed-to-seed spread that a difference between rows must exceed to mean something."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in table:
+        groups.setdefault((r["split"], row_name(r["run"])), []).append(r)
+    out = []
+    for (split, row), runs in groups.items():
+        psnrs = [r["psnr"] for r in runs]
+        out.append(dict(split=split, row=row, seeds=len(runs), mv_psnr=float(np.mean([r["mv_psnr"] for r in runs])),
+                        psnr=float(np.mean(psnrs)), psnr_range=f"{min(psnrs):.2f} – {max(psnrs):.2f}",
+                        ssim=float(np.mean([r["ssim"] for r in runs])),
+                        lpips=float(np.mean([r["lpips"] for r in runs]))))  # fmt: skip
+    return out
+
+
 def strip_rows(path: Path) -> list[np.ndarray]:
     """A benchmark strip split back into its rows of 8 views ([H, W, 3] uint8 each)."""
     image = np.asarray(Image.open(path).convert("RGB"))
@@ -83,6 +112,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     runs = {path.name: load_rows(path) for path in args.row}
     table = ablation_table(runs)
+    seeds = over_seeds(table)
     meta = json.loads((args.row[0] / "tables.json").read_text())["meta"]
     pictures = []
     first = runs[args.row[0].name]
@@ -99,12 +129,15 @@ def main(argv=None) -> int:
         f"{meta['steps']} sampling steps, {meta['views']} views per object, {meta['resolution']} px; "
         f"{lpips}. Each run is scored as trained (variant `{VARIANT}`); Δ = |multi-view − 3DGS|.",
         report.markdown_table(table, COLUMNS),
+        "## Each row over its seeds\n\nRuns named `<row>_s<seed>` are one row trained with another seed; "
+        "a difference between rows means something where it exceeds the rows' min – max spread.",
+        report.markdown_table(seeds, SEED_COLUMNS),
         f"## Per object\n\nRows, top to bottom: ground truth, then {order}.",
         *[f"### {rel}\n\n![{rel}]({pic})" for rel, pic in pictures],
     ]) + "\n"  # fmt: skip
     atomic_write_text(args.output / "table2.md", text)
-    atomic_write_text(args.output / "table2.json", json.dumps(dict(meta=meta, rows=table), indent=2))
-    print(report.markdown_table(table, COLUMNS))
+    atomic_write_text(args.output / "table2.json", json.dumps(dict(meta=meta, rows=table, over_seeds=seeds), indent=2))
+    print(report.markdown_table(table, COLUMNS) + "\n\n" + report.markdown_table(seeds, SEED_COLUMNS))
     print(f"report: {args.output / 'table2.md'}", file=sys.stderr)
     return 0
 

@@ -1,8 +1,11 @@
 """A browser app for any Ouroboros3D checkpoint: one image in; views, Gaussians, mesh and video
 out; the recursion of Algorithm 2 shown step by step.
 
-    python -m inference.app --checkpoint DIR [--host 127.0.0.1] [--port N] [--device auto]
+    python -m inference.app [--checkpoint DIR|tiny] [--host 127.0.0.1] [--port N] [--device auto]
         [--max-queue 8] [--work-dir DIR]
+
+Without ``--checkpoint`` it serves the tiny stages shipped in ``pretrained/tiny``
+(``model.shipped``).
 
 The steps are :mod:`inference.image_to_3d`'s (``prepare_input``, ``generate``, ``write_outputs``):
 the same refusals and messages, and the same files for the same image, seed and settings. The
@@ -43,6 +46,7 @@ import torch
 from PIL import Image
 
 from inference import image_to_3d as i23
+from model.shipped import resolve_checkpoint
 
 TILE = 128  # px of one view in the streamed step picture
 MAX_STEPS = 100
@@ -157,11 +161,15 @@ def user_message(err: Exception, upload: str | None, name: str | None) -> str:
 
 
 # ------------------------------------------------------------------ the served model
-def load_checkpoint(path: Path, device: torch.device):
-    """Load and check a checkpoint before serving it. Returns (model, config, sha256 of the
-    folder). Raises :class:`CheckpointError` naming the folder."""
+def load_checkpoint(path: str | Path, device: torch.device):
+    """Load and check a checkpoint (a folder, or a shipped one's name) before serving it. Returns
+    (folder, model, config, sha256 of the folder). Raises :class:`CheckpointError` naming it."""
     from model.ouroboros import Ouroboros3D
 
+    try:
+        path = resolve_checkpoint(path)
+    except FileNotFoundError as err:
+        raise CheckpointError(str(err)) from err
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     try:
@@ -169,7 +177,7 @@ def load_checkpoint(path: Path, device: torch.device):
         model = Ouroboros3D.from_pretrained(path).to(device).eval()
     except Exception as err:  # noqa: BLE001 - any failure to load means: do not serve it
         raise CheckpointError(f"checkpoint folder {path} cannot be loaded: {type(err).__name__}: {err}") from err
-    return model, cfg, hash_folder(path)
+    return path, model, cfg, hash_folder(path)
 
 
 class Generator:
@@ -440,7 +448,8 @@ def build_app(gen: Generator, max_queue: int = 8):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m inference.app",
                                 description="Serve an Ouroboros3D checkpoint in the browser.")
-    p.add_argument("--checkpoint", required=True, type=Path, help="Ouroboros3D export folder")
+    p.add_argument("--checkpoint", default="tiny",
+                   help="Ouroboros3D export folder, or a shipped one's name (default: tiny, pretrained/tiny)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -455,16 +464,16 @@ def main(argv=None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     device = i23.resolve_device(args.device)
     try:
-        model, cfg, digest = load_checkpoint(args.checkpoint, device)
+        checkpoint, model, cfg, digest = load_checkpoint(args.checkpoint, device)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     own_work_dir = args.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="ouroboros3d-app-")) if own_work_dir else args.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
-    gen = Generator(model, cfg, args.checkpoint, digest, device, work_dir)
+    gen = Generator(model, cfg, checkpoint, digest, device, work_dir)
     demo = build_app(gen, args.max_queue)
-    print(f"serving {args.checkpoint} (sha256 {digest[:12]}) on http://{args.host}:{args.port}", flush=True)
+    print(f"serving {checkpoint} (sha256 {digest[:12]}) on http://{args.host}:{args.port}", flush=True)
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=False, allowed_paths=[str(work_dir)],
                     ssr_mode=False, show_error=True, quiet=True)

@@ -1,6 +1,6 @@
 """Image-to-3D with an Ouroboros3D checkpoint: one picture in, 8 views + 3D Gaussians out.
 
-    python -m inference.image_to_3d --image <png> --checkpoint <dir> --output <dir>
+    python -m inference.image_to_3d --image <png> --output <dir> [--checkpoint <dir>|tiny]
         [--steps N --feedback-every 1 --elevation 0]
 
 Input: an RGBA image (the alpha is the object's mask), or an RGB image of an object on a plain,
@@ -42,6 +42,7 @@ from PIL import Image
 from common.atomic import atomic_path
 from common.conventions import DEFAULT_FOV_DEG, DEFAULT_RADIUS, intrinsics, orbit_c2w
 from common.images import save_png, to_uint8
+from model.shipped import resolve_checkpoint
 
 ALPHA_LOW, ALPHA_HIGH = 0.06, 0.14  # colour distance to the background: alpha 0 below, 1 above
 BORDER_TOLERANCE = 0.10  # a border pixel this close (max over channels) counts as background
@@ -327,7 +328,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m inference.image_to_3d",
                                 description="Image-to-3D with an Ouroboros3D checkpoint.")
     p.add_argument("--image", required=True, type=Path, help="RGBA, or RGB on a plain background")
-    p.add_argument("--checkpoint", required=True, type=Path, help="Ouroboros3D export folder")
+    p.add_argument("--checkpoint", default="tiny",
+                   help="Ouroboros3D export folder, or a shipped one's name (default: tiny, pretrained/tiny)")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: the checkpoint config's edm.num_steps, the paper's 25)")
@@ -369,9 +371,10 @@ def main(argv=None) -> int:
     try:  # every check on the inputs happens before the (slow) model load
         settings.check()
         rgba = load_rgba(args.image, notes)
-        cfg = read_config(args.checkpoint)
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        cfg = read_config(checkpoint)
         prepared = recentre(rgba, cfg.resolution, settings.fill, str(args.image))
-    except (InputImageError, ValueError) as err:
+    except (InputImageError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for note in notes:
@@ -379,7 +382,7 @@ def main(argv=None) -> int:
     from model.ouroboros import Ouroboros3D
 
     device = resolve_device(args.device)
-    model = Ouroboros3D.from_pretrained(args.checkpoint).to(device).eval()
+    model = Ouroboros3D.from_pretrained(checkpoint).to(device).eval()
     result = generate(model, prepared, settings, device)
     written, warnings = write_outputs(result, args.output, settings.mesh)
     for warning in warnings:

@@ -37,6 +37,7 @@ from model.lgm import LGM, LGMConfig, prepare_inputs, reconstruction_loss
 from model.multiview_unet import MultiViewUNet
 from model.rasterizer import render_gaussians
 from model.sampling import RecursiveDenoiser, sample_euler
+from model.shipped import resolve_checkpoint
 from model.svd import (
     SVDComponents,
     build_svd_components,
@@ -110,9 +111,10 @@ class Ouroboros3D(nn.Module):
         to fine-tune a diffusion-only model with 3D feedback): a feedback adapter the folder
         does not hold is built fresh (zero output at the start, ``model.feedback_adapter``);
         ``lgm_path`` replaces the folder's LGM with another pretrained one. The folder's SVD
-        parts are always loaded from the folder itself.
+        parts are always loaded from the folder itself. ``path`` may also name a checkpoint
+        shipped in the repository (``"tiny"``: ``model.shipped``).
         """
-        path = Path(path)
+        path = resolve_checkpoint(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; not an Ouroboros3D export")
         config = OuroborosConfig.load(path / CONFIG_NAME)
