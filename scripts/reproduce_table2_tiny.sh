@@ -1,49 +1,57 @@
 #!/usr/bin/env bash
-# Table 2 of the paper (the feedback ablation) at toy scale, by one command: about 65 minutes on
-# 2 CPU cores, minutes on a GPU (the same command; TINY_RANKS=<number of GPUs> there).
-#   1-4. scripts/tiny_pretrain.sh: shared by every row (shards, autoencoder, the diffusion model
-#        alone, LGM alone on clean views), the toy stand-ins for pretrained SVD and LGM;
-#        TABLE2_BASE=outputs/demo reuses the demo's
-#   5.   each row fine-tuned from those same weights, on the same shards, for the same steps:
-#          two_stage      no joint training, no feedback (the diffusion model alone; LGM as pretrained)
-#          joint          joint training (Algorithm 1), no feedback
-#          joint_ccm      joint training + CCM feedback
-#          joint_ccm_rgb  joint training + CCM + RGB feedback (the paper's model)
-#   6.   each row scored by the GSO benchmark as trained, on the same seen and held-out objects
-#   7.   eval.ablation: the table (3DGS PSNR / SSIM / LPIPS and the Δ columns) and image strips
+# Table 2 of the paper (the feedback ablation) at toy scale, by one command: every row fine-tuned
+# from the same pretrained stages (pretrained/tiny; TINY_FROM_SCRATCH=1 makes them anew), on the
+# same shards, for the same steps, each decisive row with several training seeds so that its
+# seed-to-seed spread is measured beside the differences between rows. Hours on 2 CPU cores,
+# minutes on a GPU (the same command; TINY_RANKS=<number of GPUs> there).
+#   1. the pretrained stages and the demo objects' shards (as scripts/demo.sh)
+#   2. each row, for each of its seeds:
+#        two_stage      no joint training, no feedback (the diffusion model alone; LGM as pretrained)
+#        joint          joint training (Algorithm 1), no feedback              (decisive: TABLE2_SEEDS)
+#        joint_ccm      joint training + CCM feedback
+#        joint_ccm_rgb  joint training + CCM + RGB feedback (the paper's model) (decisive: TABLE2_SEEDS)
+#   3. each run scored by the GSO benchmark as trained, on the same seen and held-out objects
+#   4. eval.ablation: the table (3DGS PSNR / SSIM / LPIPS, the Δ columns, each row's mean and
+#      spread over its seeds) and image strips
 # Re-running resumes every step. Result: ${OUT}/table2/table2.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/common.sh  # DS_ACCELERATOR, free_port, step
+source scripts/common.sh  # DS_ACCELERATOR, free_port, step, pretrained_stages, render_demo_objects
 
 OUT=${TABLE2_OUTPUT:-outputs/table2_tiny}
-BASE=${TABLE2_BASE:-${OUT}/pretrain}
-JOINT_STEPS=${TABLE2_JOINT_STEPS:-100}
+TRAIN_OBJECTS=${TABLE2_TRAIN_OBJECTS:-4}
 HELDOUT_OBJECTS=${TABLE2_HELDOUT_OBJECTS:-3}
+JOINT_STEPS=${TABLE2_JOINT_STEPS:-300}
 SAMPLE_STEPS=${TABLE2_SAMPLE_STEPS:-25}
+SEEDS=${TABLE2_SEEDS:-0 1}           # training seeds of the decisive rows
+OTHER_SEEDS=${TABLE2_OTHER_SEEDS:-0} # of the two others
+RESOLUTION=${TABLE2_RESOLUTION:-128}
 RANKS=${TINY_RANKS:-2}
-export TINY_TRAIN_OBJECTS=${TINY_TRAIN_OBJECTS:-4} TINY_RESOLUTION=${TINY_RESOLUTION:-128}
 
-
-bash scripts/tiny_pretrain.sh "${BASE}"
-python scripts/demo_gso.py --seed 0 --count "${TINY_TRAIN_OBJECTS}" --output "${OUT}/seen_gso"
+STAGES=$(pretrained_stages "${OUT}")
+render_demo_objects "${TRAIN_OBJECTS}" "${RESOLUTION}" "${OUT}/shards"
+python scripts/demo_gso.py --seed 0 --count "${TRAIN_OBJECTS}" --output "${OUT}/seen_gso"
 python scripts/demo_gso.py --count "${HELDOUT_OBJECTS}" --output "${OUT}/heldout_gso"
 
-ROWS=(two_stage:false:none joint:true:none joint_ccm:true:ccm joint_ccm_rgb:true:ccm_rgb)
+ROWS=(two_stage:false:none:other joint:true:none:decisive joint_ccm:true:ccm:other joint_ccm_rgb:true:ccm_rgb:decisive)
 BENCHES=()
 for row in "${ROWS[@]}"; do
-    IFS=: read -r name joint feedback <<<"${row}"
-    step "row ${name}: joint_training=${joint}, feedback=${feedback}, ${JOINT_STEPS} steps"
-    deepspeed --master_port "$(free_port)" --num_accelerators "${RANKS}" training/main.py --config training/configs/tiny_joint.yaml \
-        --data "${BASE}/shards/shard-*.tar" --output "${OUT}/runs/${name}" --max-steps "${JOINT_STEPS}" \
-        --resume auto --set "model.pretrained=${BASE}/diffusion/export" \
-        --set "model.overrides.lgm_path=${BASE}/lgm/export/lgm" \
-        --set "model.overrides.joint_training=${joint}" --set "model.overrides.feedback=${feedback}"
-    step "row ${name}: GSO benchmark"
-    python eval/gso_benchmark.py --gso-root "seen=${OUT}/seen_gso" --gso-root "held-out=${OUT}/heldout_gso" \
-        --checkpoint "${OUT}/runs/${name}/export" --output "${OUT}/bench/${name}" --selection all \
-        --resolution "${TINY_RESOLUTION}" --steps "${SAMPLE_STEPS}" --variants ouroboros
-    BENCHES+=(--row "${OUT}/bench/${name}")
+    IFS=: read -r name joint feedback kind <<<"${row}"
+    seeds=${OTHER_SEEDS}
+    [ "${kind}" = decisive ] && seeds=${SEEDS}
+    for seed in ${seeds}; do
+        run="${name}_s${seed}"
+        step "run ${run}: joint_training=${joint}, feedback=${feedback}, seed ${seed}, ${JOINT_STEPS} steps"
+        deepspeed --master_port "$(free_port)" --num_accelerators "${RANKS}" training/main.py \
+            --config training/configs/tiny_joint.yaml --data "${OUT}/shards/shard-*.tar" --output "${OUT}/runs/${run}" \
+            --max-steps "${JOINT_STEPS}" --resume auto --set "seed=${seed}" --set "model.pretrained=${STAGES}" \
+            --set "model.overrides.joint_training=${joint}" --set "model.overrides.feedback=${feedback}"
+        step "run ${run}: GSO benchmark"
+        python eval/gso_benchmark.py --gso-root "seen=${OUT}/seen_gso" --gso-root "held-out=${OUT}/heldout_gso" \
+            --checkpoint "${OUT}/runs/${run}/export" --output "${OUT}/bench/${run}" --selection all \
+            --resolution "${RESOLUTION}" --steps "${SAMPLE_STEPS}" --variants ouroboros
+        BENCHES+=(--row "${OUT}/bench/${run}")
+    done
 done
 
 step "Table 2"
