@@ -48,6 +48,7 @@ from common.image_metrics import LPIPSMetric, image_metrics
 from common.images import save_png
 from eval import geometry, gso, report
 from inference.image_to_3d import resolve_device
+from model.shipped import resolve_checkpoint
 
 VARIANT_FEEDBACK_OFF = "two_stage"
 VARIANT_FEEDBACK_ON = "ouroboros"
@@ -62,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder of GSO objects (<name>/meshes/model.obj); repeat with a SPLIT label "
                         "(e.g. seen=DIR --gso-root held-out=DIR2) to score sets in separate rows")
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="Ouroboros3D export folder (Ouroboros3D.save_pretrained)")
+                   help="Ouroboros3D export folder (Ouroboros3D.save_pretrained), or a shipped one's name (tiny)")
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--selection", default=None,
                    help="selection file (default eval/gso_selection.txt) or 'all'")
@@ -211,6 +212,11 @@ def main(argv=None) -> int:
     if not objects:
         roots = ", ".join(str(root) for _, root in args.gso_root)
         print(f"error: no selected object found under {roots}", file=sys.stderr)
+        return 2
+    try:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if not args.checkpoint.is_dir():
         print(f"error: checkpoint {args.checkpoint} is not a folder", file=sys.stderr)

@@ -9,7 +9,10 @@
    autoencoder is done, beside LGM if it still trains);
 4. assemble ``<output>/stages``: one ``Ouroboros3D`` export (the diffusion stage's UNet and
    autoencoder, the LGM stage's LGM), loaded by ``Ouroboros3D.from_pretrained`` as any
-   checkpoint; ``pretrained/tiny`` in the repository is a copy of it.
+   checkpoint; ``pretrained/tiny`` in the repository is a copy of it;
+5. score them (``<output>/scores``, what ``pretrained/tiny/MODEL_CARD.md`` reports): the
+   autoencoder on the held-out objects, the stages' GSO benchmark on seen and held-out
+   objects, the training curves.
 
 Each stage is a run of ``training/main.py`` with a shipped config and the ``--set`` assignments
 of the knob file (``scripts/pretrain_tiny.yaml``); its log is ``<output>/logs/<stage>.log``.
@@ -19,6 +22,7 @@ Re-running resumes every step (a finished render or run is a no-op).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -71,12 +75,44 @@ def wait(name: str, proc: subprocess.Popen, out: Path) -> None:
 
 
 def assemble(out: Path) -> Path:
-    """``<output>/stages``: the diffusion stage's export with the LGM stage's LGM."""
+    """``<output>/stages``: the diffusion stage's export with the LGM stage's LGM, self-contained
+    (its config names no folder of the machine that made it: the export holds every part)."""
     from model.ouroboros import Ouroboros3D
 
     model = Ouroboros3D.from_pretrained(out / "diffusion" / "export", lgm_path=str(out / "lgm" / "export" / "lgm"))
+    model.config = dataclasses.replace(model.config, svd_path=None, lgm_path=None)
     model.save_pretrained(out / "stages")
     return out / "stages"
+
+
+def score(out: Path, knobs: dict) -> Path:
+    """``<output>/scores``: what the model card reports. The autoencoder's round trip on the
+    held-out objects' frames (``bench/bench_autoencoder.py``, beside a random one; a picture),
+    the stages' GSO benchmark (Algorithm 2 before any joint fine-tuning) on seen and held-out
+    objects apart, and the three runs' training curves."""
+    scores, run = out / "scores", knobs["score"]
+    scores.mkdir(parents=True, exist_ok=True)
+    first_seed, heldout_seed = next(iter(knobs["train_objects"])), next(iter(knobs["heldout_objects"]))
+    say(f"score: autoencoder round trip on the held-out objects (seed {heldout_seed})")
+    table = subprocess.run([sys.executable, "bench/bench_autoencoder.py", "--svd", str(out / "autoencoder" / "export"),
+                            "--data", str(out / "shards" / f"seed{heldout_seed}" / "shard-*.tar"), "--random",
+                            "--picture", str(scores / "autoencoder_heldout.png")],
+                           cwd=REPO, check=True, capture_output=True, text=True).stdout  # fmt: skip
+    (scores / "autoencoder_heldout.md").write_text(table)
+    print(table, flush=True)
+    say("score: the stages' GSO benchmark, seen and held-out objects")
+    for split, seed, count in (("seen", first_seed, run["seen_objects"]), ("heldout", heldout_seed, run["heldout_objects"])):
+        subprocess.run([sys.executable, "scripts/demo_gso.py", "--seed", str(seed), "--count", str(count),
+                        "--output", str(scores / f"{split}_gso")], cwd=REPO, check=True)  # fmt: skip
+    subprocess.run([sys.executable, "eval/gso_benchmark.py", "--gso-root", f"seen={scores / 'seen_gso'}",
+                    "--gso-root", f"held-out={scores / 'heldout_gso'}", "--checkpoint", str(out / "stages"),
+                    "--output", str(scores / "benchmark"), "--selection", "all", "--resolution",
+                    str(knobs["render"]["resolution"]), "--steps", str(run["sample_steps"]), "--variants", "ouroboros"],
+                   cwd=REPO, check=True)  # fmt: skip
+    subprocess.run([sys.executable, "tools/plot_losses.py", *(f"--run={name}={out / name}" for name in knobs["stages"]),
+                    "--key", "loss", "--key", "autoencoder:psnr", "--smooth", "100", "--log",
+                    "--output", str(scores / "curves.png")], cwd=REPO, check=True)  # fmt: skip
+    return scores
 
 
 def main() -> None:
@@ -104,6 +140,7 @@ def main() -> None:
     wait("lgm", lgm, out)
     wait("diffusion", diffusion, out)
     say(f"stages assembled in {assemble(out)}")
+    say(f"scores, pictures and curves in {score(out, knobs)}")
 
 
 if __name__ == "__main__":
