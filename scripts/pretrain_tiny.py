@@ -81,6 +81,9 @@ def assemble(out: Path) -> Path:
 
     model = Ouroboros3D.from_pretrained(out / "diffusion" / "export", lgm_path=str(out / "lgm" / "export" / "lgm"))
     model.config = dataclasses.replace(model.config, svd_path=None, lgm_path=None)
+    for part in model.modules():  # diffusers records the folder each part was loaded from
+        if hasattr(part, "register_to_config") and "_name_or_path" in part.config:
+            part.register_to_config(_name_or_path="")
     model.save_pretrained(out / "stages")
     return out / "stages"
 
