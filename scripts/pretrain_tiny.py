@@ -34,6 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is started
 
+from common.atomic import atomic_write_text  # noqa: E402
 from training.engine import free_port  # noqa: E402
 
 
@@ -101,7 +102,7 @@ def score(out: Path, knobs: dict) -> Path:
                             "--data", str(out / "shards" / f"seed{heldout_seed}" / "shard-*.tar"), "--random",
                             "--picture", str(scores / "autoencoder_heldout.png")],
                            cwd=REPO, check=True, capture_output=True, text=True).stdout  # fmt: skip
-    (scores / "autoencoder_heldout.md").write_text(table)
+    atomic_write_text(scores / "autoencoder_heldout.md", table)
     print(table, flush=True)
     say("score: the stages' GSO benchmark, seen and held-out objects")
     for split, seed, count in (("seen", first_seed, run["seen_objects"]), ("heldout", heldout_seed, run["heldout_objects"])):
