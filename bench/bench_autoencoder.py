@@ -26,23 +26,10 @@ sys.path.insert(0, str(REPO))  # the checkout's packages, however the script is 
 import torch  # noqa: E402
 from diffusers import AutoencoderKLTemporalDecoder  # noqa: E402
 
-from common.conventions import training_frame_indices  # noqa: E402
 from common.image_metrics import chroma, luma, psnr_from_mse  # noqa: E402
-from common.training_views import to_training_views  # noqa: E402
-from data_pipeline.shards import iter_shard  # noqa: E402
 from model.svd import to_vae_pixels  # noqa: E402
 from training.autoencoder import roundtrip, save_roundtrip_picture  # noqa: E402
-from training.loader import decode_views, expand_shards  # noqa: E402
-
-
-def orbit_views(pattern: str, resolution: int, background: float):
-    """(key, images [8, 3, R, R] in the VAE's [-1, 1]) for both frame groups of every orbit in the
-    shards."""
-    for url in expand_shards(pattern):
-        for sample in iter_shard(url):
-            for start in (0, 1):
-                views = decode_views(sample, training_frame_indices(start))
-                yield sample["__key__"], to_vae_pixels(to_training_views(views, resolution, [background] * 3)["images"])
+from training.loader import orbit_views  # noqa: E402
 
 
 def score(vae, pattern: str, resolution: int, background: float) -> dict:
@@ -51,7 +38,8 @@ def score(vae, pattern: str, resolution: int, background: float) -> dict:
     (the round trip not clamped)."""
     per_object: dict[str, list[tuple[float, float, float]]] = {}
     examples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, images in orbit_views(pattern, resolution, background):
+    for key, views in orbit_views(pattern, resolution, background):
+        images = to_vae_pixels(views["images"])
         recon = roundtrip(vae, images[None])[0]
         err = ((recon + 1) / 2).clamp(0, 1) - (images + 1) / 2
         mses = (float(err.square().mean()), float(luma(err).square().mean()), float(chroma(err).square().mean()))

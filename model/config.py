@@ -61,7 +61,8 @@ class OuroborosConfig:
 
     Component configs (``unet``, ``vae``, ``image_encoder``, ``feature_extractor``) are keyword
     arguments of the diffusers / transformers classes; ignored when ``svd_path`` is set (the
-    pretrained components bring their own).
+    pretrained components bring their own, and a built model's config records those:
+    ``model.svd.component_configs``).
     """
 
     name: str

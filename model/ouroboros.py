@@ -9,9 +9,9 @@ before they are rendered with the model-frame cameras.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -41,6 +41,7 @@ from model.shipped import resolve_checkpoint
 from model.svd import (
     SVDComponents,
     build_svd_components,
+    component_configs,
     from_vae_pixels,
     load_svd_components,
     save_svd_components,
@@ -69,7 +70,8 @@ class Ouroboros3D(nn.Module):
 
     def __init__(self, config: OuroborosConfig, svd: SVDComponents, denoiser: MultiViewUNet, lgm: LGM):
         super().__init__()
-        self.config = config
+        # the config describes the parts it is saved with, also those loaded from ``svd_path``
+        self.config = dataclasses.replace(config, **component_configs(svd))
         self.denoiser = denoiser
         self.vae = svd.vae
         self.image_encoder = svd.image_encoder

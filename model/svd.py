@@ -93,6 +93,24 @@ def build_svd_components(cfg: OuroborosConfig) -> SVDComponents:
     )
 
 
+# Keys of the parts' saved configs that are the libraries' bookkeeping, not constructor kwargs.
+_CONFIG_BOOKKEEPING = {"architectures", "dtype", "image_processor_type", "model_type", "processor_class",
+                       "torch_dtype", "transformers_version"}
+
+
+def component_configs(components: SVDComponents) -> dict:
+    """The parts' own configs as the kwargs of :func:`build_svd_components`: ``{"unet", "vae",
+    "image_encoder", "feature_extractor"}`` -> dict. ``build_svd_components`` of a config holding
+    them builds parts of the same architecture (what ``OuroborosConfig`` records of parts loaded
+    from ``svd_path``, so that the config describes the parts it was saved with)."""
+    def kwargs(config: dict) -> dict:
+        return {k: v for k, v in config.items() if not k.startswith("_") and k not in _CONFIG_BOOKKEEPING}
+
+    return dict(unet=kwargs(dict(components.unet.config)), vae=kwargs(dict(components.vae.config)),
+                image_encoder=kwargs(components.image_encoder.config.to_diff_dict()),
+                feature_extractor=kwargs(components.feature_extractor.to_dict()))
+
+
 def load_svd_components(
     path: str | os.PathLike, variant: str | None = None, dtype: torch.dtype | None = None
 ) -> SVDComponents:

@@ -14,30 +14,19 @@ import torch
 from conftest import run_pipeline
 from data_paths import REPO
 
-from common.conventions import training_frame_indices
 from common.image_metrics import psnr_from_mse
-from common.training_views import to_training_views
-from data_pipeline.shards import iter_shard
 from model import edm
+from model.config import OuroborosConfig
 from model.lgm import LGM
 from model.ouroboros import Ouroboros3D
 from model.shipped import SHIPPED_ROOT, resolve_checkpoint
 from model.svd import from_vae_pixels, to_vae_pixels
 from training.autoencoder import roundtrip
 from training.config import load_config
-from training.loader import decode_views, expand_shards
+from training.loader import orbit_views
 
 TINY = SHIPPED_ROOT / "tiny"
 HELDOUT_SEED = 1000  # scripts/pretrain_tiny.yaml: the held-out seed, never trained on
-
-
-def _orbits(pattern: str, resolution: int, background: float):
-    """Both 8-frame groups of every orbit in the shards, as training views at ``resolution``."""
-    for url in expand_shards(pattern):
-        for sample in iter_shard(url):
-            for start in (0, 1):
-                yield to_training_views(decode_views(sample, training_frame_indices(start)), resolution,
-                                        [background] * 3)  # fmt: skip
 
 
 def _state(module: torch.nn.Module) -> dict:
@@ -77,6 +66,10 @@ def test_shipped_stages_load_as_any_checkpoint(shipped):
     config = json.loads((TINY / "ouroboros_config.json").read_text())
     assert config["feedback"] == "none" and not config["joint_training"]  # the stages, not a joint run
     assert config["svd_path"] is None and config["lgm_path"] is None  # self-contained: no folder of the maker's machine
+    # the config describes the parts it ships with: built from it alone, the same architecture
+    rebuilt = Ouroboros3D.from_config(OuroborosConfig.load(TINY / "ouroboros_config.json"))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in shipped.state_dict().items()}
+    assert config["vae"]["latent_channels"] == shipped.vae.config.latent_channels == 32
     cfg = load_config("tiny_joint", ["model.pretrained=tiny"])
     model = Ouroboros3D.from_pretrained(cfg.model.pretrained, **cfg.model.overrides)
     assert model.config.feedback == "ccm_rgb" and model.config.joint_training
@@ -104,7 +97,7 @@ def test_shipped_autoencoder_round_trip_on_heldout_objects(shipped, heldout_shar
     random_vae = type(shipped.vae).from_config(shipped.vae.config).eval()
     errors = {"shipped": [], "random": []}
     with torch.no_grad():
-        for views in _orbits(heldout_shards, cfg.resolution, cfg.background):
+        for _, views in orbit_views(heldout_shards, cfg.resolution, cfg.background):
             pixels = to_vae_pixels(views["images"])[None]
             for name, vae in (("shipped", shipped.vae), ("random", random_vae)):
                 recon = from_vae_pixels(roundtrip(vae, pixels)[0]).clamp(0, 1)
@@ -120,7 +113,7 @@ def test_shipped_lgm_beats_a_random_lgm_on_a_seen_object(shipped, demo_shards):
     ``c_noise(sigma_min)`` as it was trained: its renders at the 8 views against the views,
     against a random LGM of the same config in the same model."""
     cfg = shipped.config
-    views = next(_orbits(str(demo_shards / "shard-*.tar"), cfg.resolution, cfg.background))
+    _, views = next(orbit_views(str(demo_shards / "shard-*.tar"), cfg.resolution, cfg.background))
     batch = {k: v[None] for k, v in views.items()}
     c_noise = edm.c_noise(torch.full((1,), cfg.edm.sigma_min))
 

@@ -56,7 +56,7 @@ from common.conventions import (
 )
 from common.orbit import OrbitRender
 from common.training_views import to_training_views
-from data_pipeline.shards import CorruptSampleError, decode_sample
+from data_pipeline.shards import CorruptSampleError, decode_sample, iter_shard
 from training.shard_store import ReadPolicy, expand_shards, open_shard
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,24 @@ def decode_views(sample: dict, frames, ccm: bool = False) -> OrbitRender:
         raise CorruptSampleError(orbit.key, f"{orbit.key}.{frames[0]:02d}.rgba.png",
                                  f"not square: {(height, width)}")
     return orbit
+
+
+def orbit_views(pattern: str, resolution: int, background: float) -> Iterator[tuple[str, dict]]:
+    """Every orbit of the shards as training views, in shard order, for scores and benchmarks.
+
+    Both 8-frame groups of each orbit (condition frames 0 and 1), not shuffled, read once.
+
+    Args:
+        pattern: shards (``expand_shards``: paths, globs, ``s3://``). resolution: model size.
+        background: the grey in [0, 1] the frames are composited over (the model config's).
+    Yields:
+        (sample key, ``to_training_views`` dict: ``images`` [8, 3, R, R] in [0, 1], ``c2w``, ``K``).
+    """
+    for url in expand_shards(pattern):
+        for sample in iter_shard(url):
+            for start in (0, 1):
+                views = decode_views(sample, training_frame_indices(start))
+                yield sample["__key__"], to_training_views(views, resolution, [background] * 3)
 
 
 def condition_frame(seed: int, epoch: int, key: str) -> int:
