@@ -9,14 +9,11 @@ by Selenium, load the page, upload an example, run it and look at the 3D viewer'
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 import struct
 import subprocess
 import sys
-import time
-import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
@@ -28,22 +25,12 @@ from data_paths import REPO
 from PIL import Image
 
 from inference import app as app_mod
+from tools.app_browser import app_env, chromium, free_port, generate_in_page, serve
 
 pytest.importorskip("gradio_client", reason="the app's tests need the `app` extra (gradio, gradio_client)")
 
 STEPS = 2
 SERVER_START_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", GRADIO_ANALYTICS_ENABLED="False",
-                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -62,36 +49,15 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    """``python -m inference.app`` on a free loopback port; its URL and work folder."""
+    """``python -m inference.app`` on a free loopback port (``tools.app_browser.serve``); its URL,
+    work folder and process."""
     work = tmp_path_factory.mktemp("app_work")
-    port = _free_port()
-    log = open(work.parent / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "inference.app", "--checkpoint", str(checkpoint), "--port",
-                             str(port), "--work-dir", str(work), "--max-queue", "4"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env())  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + SERVER_START_S
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"the app exited {proc.returncode} before serving:\n{log.read()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the app did not serve {url} within {SERVER_START_S} s")
-        time.sleep(1)
-    yield dict(url=url, work=work, proc=proc, log=log, port=port)
-    proc.terminate()
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        with serve(["--checkpoint", str(checkpoint), "--work-dir", str(work), "--max-queue", "4"],
+                   work.parent / "server.log", SERVER_START_S) as (url, proc):
+            yield dict(url=url, work=work, proc=proc)
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 @pytest.fixture
@@ -190,9 +156,9 @@ def test_checkpoint_missing_or_corrupt_is_refused_before_serving(checkpoint, tmp
     assert weights
     weights[0].write_bytes(weights[0].read_bytes()[:100])  # truncated
     for folder in (tmp_path / "no_such_export", corrupt):
-        port = _free_port()
+        port = free_port()
         res = subprocess.run([sys.executable, "-m", "inference.app", "--checkpoint", str(folder), "--port", str(port)],
-                             cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())  # fmt: skip
+                             cwd=REPO, capture_output=True, text=True, timeout=300, env=app_env())  # fmt: skip
         assert res.returncode == 2, res.stderr[-2000:]
         assert f"checkpoint folder {folder}" in res.stderr
         assert "Running on" not in res.stdout + res.stderr
@@ -222,7 +188,7 @@ def test_api_returns_the_cli_files_and_streams_each_step(server, client, checkpo
     res = subprocess.run([sys.executable, "-m", "inference.image_to_3d", "--image", str(image), "--checkpoint",
                           str(checkpoint), "--output", str(out), "--seed", "7", "--steps", str(STEPS),
                           "--guidance", "1", "3", "--orbit-frames", "4"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())  # fmt: skip
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=app_env())  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     cli_files = sorted(p.name for p in out.iterdir())
     assert cli_files and set(cli_files) <= set(files)
@@ -323,61 +289,24 @@ def test_bad_inputs_get_clear_messages_and_the_server_keeps_serving(server, clie
     assert "views.png" in _by_name(result[6])
 
 
-def _chrome():
-    """A headless Chromium through Selenium, or a skip saying what is missing."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the `test` extra)")
-    from selenium.webdriver.chrome.service import Service
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not browser or not driver_path:
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them: "
-                    "apt-get install -y chromium chromium-driver)")  # fmt: skip
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2300",
-                "--use-angle=swiftshader", "--enable-unsafe-swiftshader"):  # WebGL without a GPU
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver_path), options=options)
-
-
-def _canvas_is_drawn(png: bytes) -> bool:
-    import io
-
-    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
-    return img.std() > 5.0 and len(np.unique(img.reshape(-1, 3).astype(np.uint8), axis=0)) > 50
-
-
 @pytest.mark.slow
 def test_browser_uploads_runs_and_shows_the_3d(server, tmp_path):
+    pytest.importorskip("selenium", reason="selenium is not installed (the `test` extra)")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     example = app_mod.example_images()[1]
     before = set(server["work"].iterdir())
-    driver = _chrome()
     try:
-        driver.set_page_load_timeout(120)
-        driver.get(server["url"])
-        wait = WebDriverWait(driver, 180, poll_frequency=0.5)
-        upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#upload input[type=file]"))
-        upload.send_keys(example)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gaussians canvas")
-                   and d.find_elements(By.CSS_SELECTOR, "#video video")
-                   and len(d.find_elements(By.CSS_SELECTOR, "#views img")) >= 4)  # fmt: skip
+        driver = chromium()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    try:
+        generate_in_page(driver, server["url"], example)
         assert "Seed 0" in driver.find_element(By.ID, "summary").text
         assert "Step 2/2" in driver.find_element(By.ID, "step_caption").text
-        # the viewers draw a few frames after loading, WebGL through SwiftShader; the mesh viewer
-        # (babylon) is set by the chained event after the run
         assert "no mesh.glb" not in driver.find_element(By.ID, "summary").text
-        for viewer in ("#gaussians canvas", "#mesh canvas"):
-            canvas = WebDriverWait(driver, 60, poll_frequency=1).until(
-                lambda d: d.find_element(By.CSS_SELECTOR, viewer))
-            WebDriverWait(driver, 60, poll_frequency=1).until(lambda d: _canvas_is_drawn(canvas.screenshot_as_png))
-        time.sleep(2)
-        shot = Path(os.environ.get("OUROBOROS_APP_SCREENSHOT", tmp_path / "app.png"))
+        shot = tmp_path / "app.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
         sessions = set(server["work"].iterdir()) - before
