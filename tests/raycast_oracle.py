@@ -7,7 +7,6 @@ trimesh's pure-Python caster wants an ``rtree`` index for its broad phase, and n
 actual intersection maths) is still trimesh's.
 """
 
-from pathlib import Path
 
 import numpy as np
 import trimesh

@@ -4,7 +4,6 @@ one) run the same recipes gives the same frames, and a file that is not a cache 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from data_paths import REPO

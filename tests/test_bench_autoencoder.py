@@ -5,7 +5,6 @@ their round trip; a folder without an autoencoder is refused with its name."""
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 from diffusers import AutoencoderKLTemporalDecoder

@@ -3,7 +3,6 @@ end to end on the tiny checkpoint."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Training YAML: ``--set`` assignments, the objective switch, errors that name the file and key."""
 
-from pathlib import Path
 
 import pytest
 

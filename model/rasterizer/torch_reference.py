@@ -270,7 +270,7 @@ def _splats(
         (table [S, 13] with columns ``MEAN2D``, ``CONIC``, ``ALPHA_O``, ``VALUES`` (rgb, z,
         centre + 0.5), footprint radius [S] (no gradient), camera index b V + v [S])
     """
-    V, N = c2w.shape[1], g.shape[1]
+    V = c2w.shape[1]
     mean_cam, R = world_to_camera(g[:, None, :, XYZ], c2w)  # [B, V, N, 3], [B, V, 3, 3]
     mean_cam, R, K = mean_cam.flatten(0, 1), R.flatten(0, 1), K.flatten(0, 1)
     camera, index = torch.nonzero(mean_cam[..., 2] > NEAR_PLANE, as_tuple=True)
