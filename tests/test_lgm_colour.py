@@ -1,10 +1,10 @@
-"""eval/lgm_colour.py: the colour-follow measure on renders whose answer is known."""
+"""tools/lgm_colour.py: the colour-follow measure on renders whose answer is known."""
 
 import math
 
 import torch
 
-from eval.lgm_colour import colour_follow, rotate_object_colours
+from tools.lgm_colour import colour_follow, rotate_object_colours
 
 
 def _views(seed: int = 0):

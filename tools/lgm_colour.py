@@ -11,7 +11,7 @@ background stays as trained). Its renders at the 8 views are compared with the v
   pixels (``colour_follow``). 1: the 3D takes its colours from the views; 0: it paints every
   object the same whatever its colour.
 
-    python eval/lgm_colour.py --checkpoint tiny --data 'shards/shard-*.tar' [--limit 8]
+    python tools/lgm_colour.py --checkpoint tiny --data 'shards/shard-*.tar' [--limit 8]
 """
 
 from __future__ import annotations
