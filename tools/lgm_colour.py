@@ -10,6 +10,10 @@ background stays as trained). Its renders at the 8 views are compared with the v
   mask: ``|mean(render') - mean(render)| / |mean(view') - mean(view)|`` over the object's
   pixels (``colour_follow``). 1: the 3D takes its colours from the views; 0: it paints every
   object the same whatever its colour.
+* ``offset_px``: the median distance, in pixels of the views, between each opaque Gaussian's
+  centre projected into the input view it comes from and the centre of its own pixel there
+  (``pixel_offsets``): near 0 when the Gaussians sit on their pixels' rays (then they can
+  take their pixels' colours), a sizeable part of the image when they do not.
 
     python tools/lgm_colour.py --checkpoint tiny --data 'shards/shard-*.tar' [--limit 8]
 """
@@ -55,9 +59,36 @@ def colour_follow(render: torch.Tensor, render_rotated: torch.Tensor, views: tor
     return float(change_out / change_in) if change_in > 1e-3 else float("nan")
 
 
+def pixel_offsets(gaussians: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, resolution: int,
+                  min_opacity: float = 0.3) -> torch.Tensor:
+    """Distances (pixels) between opaque Gaussians projected into their own input view and the
+    centres of the pixels they come from.
+
+    Args:
+        gaussians: [V * s * s, 14] in the model frame, view-major then row-major over the s x s
+            splat image of each view (LGM's output order, ``model/lgm/model.py``).
+        c2w: [V, 4, 4] OpenCV camera-to-world of those views.  K: [V, 3, 3] in pixels of
+            ``resolution``.
+    Returns:
+        [M] distances of the Gaussians with opacity >= ``min_opacity``.
+    """
+    V = c2w.shape[0]
+    s = int(round((gaussians.shape[0] / V) ** 0.5))
+    if V * s * s != gaussians.shape[0]:
+        raise ValueError(f"{gaussians.shape[0]} Gaussians are not {V} square splat images")
+    g = gaussians.reshape(V, s * s, -1)
+    w2c = torch.linalg.inv(c2w)
+    cam = g[..., 0:3] @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]  # [V, s*s, 3]
+    uv = cam @ K.transpose(1, 2)
+    uv = uv[..., :2] / uv[..., 2:3].clamp_min(1e-6)
+    ii, jj = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    centres = (torch.stack([jj, ii], -1).reshape(-1, 2).to(uv) + 0.5) * resolution / s  # (x, y)
+    return (uv - centres).norm(dim=-1)[g[..., 3] >= min_opacity]
+
+
 @torch.no_grad()
 def score(model, pattern: str, limit: int | None = None) -> list[dict]:
-    """Per orbit group: {key, psnr, follow} (module docstring)."""
+    """Per orbit group: {key, psnr, follow, offset_px} (module docstring)."""
     from model import edm
     from training.loader import orbit_views
 
@@ -72,7 +103,9 @@ def score(model, pattern: str, limit: int | None = None) -> list[dict]:
             gaussians = model.reconstruct(inputs, c2w, K, c_noise)
             renders.append(model.render(gaussians, c2w, K)["rgb"].clamp(0, 1)[0])
         mask = (alphas[0] > 0.5).float()
-        rows.append(dict(key=key, psnr=float(psnr_from_mse(float((renders[0] - images[0]).square().mean()))),
+        idx = list(cfg.lgm_input_views)
+        offsets = pixel_offsets(model.reconstruct(images, c2w, K, c_noise)[0], c2w[0, idx], K[0, idx], cfg.resolution)
+        rows.append(dict(key=key, offset_px=float(offsets.median()) if offsets.numel() else float("nan"), psnr=float(psnr_from_mse(float((renders[0] - images[0]).square().mean()))),
                          follow=colour_follow(renders[0], renders[1], images[0],
                                               rotate_object_colours(images, alphas)[0], mask)))  # fmt: skip
     if not rows:
@@ -90,12 +123,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     model = Ouroboros3D.from_pretrained(args.checkpoint).eval()
     rows = score(model, args.data, args.limit)
-    print("| orbit group | LGM PSNR (dB) | colour follow |\n|---|---|---|")
+    print("| orbit group | LGM PSNR (dB) | colour follow | offset from own pixel (px) |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['key']} | {row['psnr']:.2f} | {row['follow']:.3f} |")
-    follows = [r["follow"] for r in rows if r["follow"] == r["follow"]]
-    print(f"| **median of {len(rows)}** | {statistics.median(r['psnr'] for r in rows):.2f} | "
-          f"{statistics.median(follows) if follows else float('nan'):.3f} |")
+        print(f"| {row['key']} | {row['psnr']:.2f} | {row['follow']:.3f} | {row['offset_px']:.1f} |")
+
+    def median(name: str) -> float:
+        values = [r[name] for r in rows if r[name] == r[name]]
+        return statistics.median(values) if values else float("nan")
+
+    print(f"| **median of {len(rows)}** | {median('psnr'):.2f} | {median('follow'):.3f} | {median('offset_px'):.1f} |")
 
 
 if __name__ == "__main__":
