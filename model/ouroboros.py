@@ -140,7 +140,14 @@ class Ouroboros3D(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write a diffusers-style folder (SVD layout + camera_embedding/, ccm_adapter/,
-        rgb_adapter/, lgm/, ouroboros_config.json), atomically: built beside, then renamed."""
+        rgb_adapter/, lgm/, ouroboros_config.json), atomically: built beside, then renamed.
+
+        The folder is self-contained: it holds every part, so its config names no folder the
+        parts were loaded from (``svd_path``, ``lgm_path`` cleared; diffusers' ``_name_or_path``
+        emptied), nothing of the machine that wrote it."""
+        for part in self.modules():
+            if hasattr(part, "register_to_config") and part.config.get("_name_or_path"):
+                part.register_to_config(_name_or_path="")
         with atomic_dir(path) as tmp:
             svd = SVDComponents(self.denoiser.unet, self.vae, self.image_encoder, self.feature_extractor)
             save_svd_components(svd, tmp)
@@ -150,7 +157,7 @@ class Ouroboros3D(nn.Module):
             if self.denoiser.rgb_adapter is not None:
                 self.denoiser.rgb_adapter.save_pretrained(tmp / "rgb_adapter")
             self.lgm.save_pretrained(tmp / "lgm")
-            self.config.save(tmp / CONFIG_NAME)
+            dataclasses.replace(self.config, svd_path=None, lgm_path=None).save(tmp / CONFIG_NAME)
 
     # ------------------------------------------------------------------ training setup
     def trainable_parameters(self, objective: str = "algorithm1") -> list[nn.Parameter]:

@@ -22,7 +22,6 @@ Re-running resumes every step (a finished render or run is a no-op).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
@@ -76,15 +75,11 @@ def wait(name: str, proc: subprocess.Popen, out: Path) -> None:
 
 
 def assemble(out: Path) -> Path:
-    """``<output>/stages``: the diffusion stage's export with the LGM stage's LGM, self-contained
-    (its config names no folder of the machine that made it: the export holds every part)."""
+    """``<output>/stages``: the diffusion stage's export with the LGM stage's LGM (self-contained,
+    as every ``save_pretrained`` folder: its config names no folder of the machine that made it)."""
     from model.ouroboros import Ouroboros3D
 
     model = Ouroboros3D.from_pretrained(out / "diffusion" / "export", lgm_path=str(out / "lgm" / "export" / "lgm"))
-    model.config = dataclasses.replace(model.config, svd_path=None, lgm_path=None)
-    for part in model.modules():  # diffusers records the folder each part was loaded from
-        if hasattr(part, "register_to_config") and "_name_or_path" in part.config:
-            part.register_to_config(_name_or_path="")
     model.save_pretrained(out / "stages")
     return out / "stages"
 
