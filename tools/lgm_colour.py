@@ -98,16 +98,14 @@ def score(model, pattern: str, limit: int | None = None) -> list[dict]:
         if limit is not None and len(rows) >= limit:
             break
         images, alphas, c2w, K = views["images"][None], views["alphas"][None], views["c2w"][None], views["K"][None]
-        renders = []
-        for inputs in (images, rotate_object_colours(images, alphas)):
-            gaussians = model.reconstruct(inputs, c2w, K, c_noise)
-            renders.append(model.render(gaussians, c2w, K)["rgb"].clamp(0, 1)[0])
-        mask = (alphas[0] > 0.5).float()
+        rotated = rotate_object_colours(images, alphas)
+        gaussians = [model.reconstruct(inputs, c2w, K, c_noise) for inputs in (images, rotated)]
+        renders = [model.render(g, c2w, K)["rgb"].clamp(0, 1)[0] for g in gaussians]
         idx = list(cfg.lgm_input_views)
-        offsets = pixel_offsets(model.reconstruct(images, c2w, K, c_noise)[0], c2w[0, idx], K[0, idx], cfg.resolution)
-        rows.append(dict(key=key, offset_px=float(offsets.median()) if offsets.numel() else float("nan"), psnr=float(psnr_from_mse(float((renders[0] - images[0]).square().mean()))),
-                         follow=colour_follow(renders[0], renders[1], images[0],
-                                              rotate_object_colours(images, alphas)[0], mask)))  # fmt: skip
+        offsets = pixel_offsets(gaussians[0][0], c2w[0, idx], K[0, idx], cfg.resolution)
+        rows.append(dict(key=key, psnr=float(psnr_from_mse(float((renders[0] - images[0]).square().mean()))),
+                         follow=colour_follow(renders[0], renders[1], images[0], rotated[0], (alphas[0] > 0.5).float()),
+                         offset_px=float(offsets.median()) if offsets.numel() else float("nan")))  # fmt: skip
     if not rows:
         raise SystemExit(f"{pattern}: no orbits")
     return rows
